@@ -1,0 +1,37 @@
+# Two entry points: `make run` (the main job) and `make test` (the suite).
+# Each creates .venv and installs what it needs on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch for machines without a GPU. It is installed only when
+# the venv has no torch yet, so a GPU user who installed a CUDA build first keeps it.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= models/demo
+PROMPT ?= The list type
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/ringpipe model demo $(DEMO_DIR)
+	$(VENV)/bin/ringpipe run --model $(DEMO_DIR) --stages 2 --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Coordinator: hash ring, routing and the gRPC service (see the coordinator issue)."""

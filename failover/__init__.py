@@ -1,0 +1,1 @@
+"""Failover: controller, heartbeats, membership and takeover (see the failover issue)."""

@@ -1,0 +1,41 @@
+"""The exceptions of the shards package; every one says what to do next."""
+
+from __future__ import annotations
+
+
+class ShardsError(Exception):
+    """Root of every error raised by `shards`."""
+
+
+class CheckpointError(ShardsError):
+    """A checkpoint directory that cannot be served: missing file, bad config field, bad tensor."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """The checkpoint's architecture or one of its config fields is not supported."""
+
+    def __init__(self, field: str, value: object, supported: str) -> None:
+        super().__init__(f"unsupported {field}={value!r} in config.json; supported: {supported}")
+        self.field, self.value, self.supported = field, value, supported
+
+    def __reduce__(self):  # keeps the error intact across Ray's pickling
+        return (type(self), (self.field, self.value, self.supported))
+
+
+class RequestError(ShardsError, ValueError):
+    """A generation request that can never run (bad field); names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.message))
+
+
+class ReplicaFailed(ShardsError):
+    """A pipeline replica lost a stage or its transport; its requests cannot finish there."""
+
+
+class TransportError(ReplicaFailed):
+    """A stage-to-stage send or receive failed or timed out (a peer died or hung)."""

@@ -1,0 +1,257 @@
+"""The model: Llama-family and GLM decoder layers, cut into pipeline stages.
+
+One `ModelArgs` describes every supported architecture; the differences are
+flags (q/k/v bias, fused gate/up, partial or interleaved rotary, sliding window,
+tied embeddings). A `StageModel` holds a contiguous run of decoder layers, plus
+the token embedding on the first stage and the final norm and LM head on the
+last, with parameter names that are the Hugging Face names minus the `model.`
+prefix, so loading a stage is a name lookup.
+
+Attention reads and writes a static KV cache addressed by (slot, position):
+every row of a batch is one sequence in its own slot, so sequences of different
+lengths share a forward pass without padding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.kv import LayerCache, StageCache
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling (`rope_type` "linear" or "llama3")."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str  # "llama" | "mistral" | "qwen2" | "glm"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rotary_dim: int = 0  # 0 means head_dim
+    rope_interleaved: bool = False  # GLM rotates (even, odd) pairs, Llama rotates halves
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_gate_up: bool = False  # GLM: one gate_up_proj, gate first
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.rope_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the
+    # band between them interpolated smoothly.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, interleaved: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [B, T, rope_dim] for integer positions [B, T]."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, rope_dim/2]
+    if interleaved:
+        emb = freqs.repeat_interleave(2, dim=-1)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """x: [B, heads, T, head_dim]; rotates the first rope_dim features, passes the rest."""
+    cos, sin = cos[:, None], sin[:, None]
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x_rot = x_rot * cos + _rotate(x_rot, interleaved) * sin
+    return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        h, hd = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, args.num_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * hd, h, bias=args.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,  # [B, T]
+        slots: torch.Tensor,  # [B]
+        mask: torch.Tensor,  # [B, 1, T, L] bool, True = may attend
+        cache: LayerCache | None,
+    ) -> torch.Tensor:
+        a = self.args
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = apply_rope(q, cos, sin, a.rope_interleaved)
+        k = apply_rope(k, cos, sin, a.rope_interleaved)
+        if cache is None:  # training / no-cache forward: positions are 0..T-1
+            keys, values = k, v
+        else:
+            keys, values = cache.update(slots, positions, k, v, length=mask.shape[-1])
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.fused = args.fused_gate_up
+        if self.fused:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=False)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, rope, positions, slots, mask, cache: LayerCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, positions, slots, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """[B, 1, T, length] bool: query at position p sees keys 0..p (the last `window` of them)."""
+    keys = torch.arange(length, device=positions.device)
+    q = positions[:, None, :, None]
+    allowed = keys <= q
+    if window is not None:
+        allowed &= keys > q - window
+    return allowed
+
+
+class StageModel(nn.Module):
+    """Decoder layers [layer_start, layer_end) with the embedding and/or head when this stage owns them."""
+
+    def __init__(
+        self, args: ModelArgs, layer_start: int, layer_end: int, first: bool, last: bool
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.first, self.last = first, last
+        if first:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(args) for i in range(layer_start, layer_end)}
+        )
+        if last:
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,  # token ids [B, T] on the first stage, hidden states [B, T, H] after
+        positions: torch.Tensor,  # [B, T]
+        slots: torch.Tensor | None,  # [B]
+        cache: StageCache | None,
+        logits_for_last_only: bool = True,
+    ) -> torch.Tensor:
+        """Hidden states [B, T, H]; on the last stage, logits [B, V] (or [B, T, V]).
+
+        With cache=None (training) every row attends only to its own tokens, positions 0..T-1.
+        """
+        x = self.embed_tokens(inputs) if self.first else inputs
+        length = int(positions.max()) + 1
+        mask = attention_mask(positions, length, self.args.sliding_window)
+        rope = rope_cos_sin(self.inv_freq, positions, self.args.rope_interleaved, x.dtype)
+        for i, layer in self.layers.items():
+            x = layer(x, rope, positions, slots, mask, cache.layer(int(i)) if cache else None)
+        if not self.last:
+            return x
+        if logits_for_last_only:
+            x = x[:, -1]
+        return self.lm_head(self.norm(x)).float()
