@@ -1,0 +1,78 @@
+"""The Ray actor around a `Stage`: it only moves messages.
+
+Async methods run on the actor's event loop while the stage's step loop runs in
+its own thread; `generate` is a streaming generator that yields each request's
+tokens as the head's scheduler produces them (several per item when they pile
+up), and cancels the request if the caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import ray
+
+from shards.model import ModelArgs
+from shards.partition import StagePlan
+from shards.scheduler import GenerationRequest, TokenEvent
+from shards.spec import ReplicaSpec
+from shards.stage import Stage
+
+
+@ray.remote(max_restarts=0, max_task_retries=0)
+class StageActor:
+    def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str) -> None:
+        self.stage = Stage(spec, plan, args, replica)
+
+    async def rendezvous(self) -> tuple[str, int]:
+        host = ray.util.get_node_ip_address()
+        return host, self.stage.open_rendezvous(host)
+
+    async def node(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+
+    async def connect(self, host: str, port: int) -> None:
+        await asyncio.to_thread(self.stage.connect, host, port)
+
+    async def load(self) -> dict:
+        return await asyncio.to_thread(self.stage.load)
+
+    async def start(self) -> None:
+        self.stage.start()
+
+    async def ping(self) -> dict:
+        return self.stage.ping()
+
+    async def stats(self) -> dict:
+        return self.stage.stats()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.stage.shutdown)
+
+    async def generate(self, request: GenerationRequest):
+        """Yields dicts {"tokens": [...], "finish_reason": str | None} until the request ends."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        self.stage.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        finished = False
+        try:
+            while not finished:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                tokens, reason = [], None
+                for ev in batch:
+                    if isinstance(ev, BaseException):
+                        finished = True
+                        raise ev
+                    assert isinstance(ev, TokenEvent)
+                    if ev.token is not None:
+                        tokens.append(ev.token)
+                    reason = ev.finish_reason or reason
+                finished = reason is not None
+                yield {"tokens": tokens, "finish_reason": reason}
+        finally:
+            if not finished:  # the caller went away: free the slot now
+                self.stage.cancel(request.request_id)

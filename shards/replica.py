@@ -1,0 +1,176 @@
+"""A pipeline replica from the driver's side: every Ray call for a replica is made here.
+
+`Replica.start()` places S stage actors (one placement-group bundle each),
+forms their process group, has each stage load only its own tensors, and starts
+their loops. `stream()` yields a request's tokens as they are sampled;
+`generate()` collects them. A dead stage surfaces as `ReplicaFailed` naming it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from shards.actor import StageActor
+from shards.checkpoint import read_model_args
+from shards.errors import ReplicaFailed, ShardsError
+from shards.partition import StagePlan, plan_stages
+from shards.sampling import SamplingParams
+from shards.scheduler import GenerationRequest
+from shards.spec import ReplicaSpec
+
+_counter = itertools.count()
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def make_request(
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: frozenset[int] | set[int] = frozenset(),
+    request_id: str | None = None,
+) -> GenerationRequest:
+    return GenerationRequest(
+        request_id or uuid.uuid4().hex,
+        tuple(prompt),
+        max_new_tokens,
+        sampling or SamplingParams(),
+        frozenset(stop_token_ids),
+    )
+
+
+class Replica:
+    def __init__(self, spec: ReplicaSpec, name: str | None = None) -> None:
+        if spec.tensor_parallel != 1 and spec.device != "cuda":
+            raise ShardsError("tensor_parallel > 1 needs device 'cuda'; on CPU a stage runs with tensor_parallel 1")
+        if spec.tensor_parallel != 1:
+            raise ShardsError(
+                "tensor_parallel > 1 (DeepSpeed AutoTP inside a stage) is not available in this release; "
+                "use more pipeline stages instead"
+            )
+        self.spec = spec
+        self.name = name or f"replica-{next(_counter)}"
+        self.args = read_model_args(spec.model_dir)
+        self.plans: list[StagePlan] = plan_stages(
+            self.args, spec.stages, spec.max_batch, spec.max_seq_len, spec.torch_dtype
+        )
+        self.actors: list = []
+        self._pg = None
+
+    @property
+    def head(self):
+        return self.actors[0]
+
+    def start(self, timeout_s: float = 300.0) -> list[dict]:
+        """Place, connect, load and start every stage; returns each stage's memory report."""
+        spec = self.spec
+        bundle = {"CPU": spec.cpus_per_stage}
+        if spec.device == "cuda":
+            bundle["GPU"] = spec.tensor_parallel
+        self._pg = placement_group([dict(bundle) for _ in self.plans], strategy=spec.placement_strategy)
+        ray.get(self._pg.ready(), timeout=timeout_s)
+        self.actors = [
+            StageActor.options(
+                num_cpus=spec.cpus_per_stage,
+                num_gpus=spec.tensor_parallel if spec.device == "cuda" else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                name=f"{self.name}.stage-{i}-{uuid.uuid4().hex[:6]}",
+            ).remote(spec, plan, self.args, self.name)
+            for i, plan in enumerate(self.plans)
+        ]
+        try:
+            host, port = ray.get(self.head.rendezvous.remote(), timeout=timeout_s)
+            ray.get([a.connect.remote(host, port) for a in self.actors], timeout=timeout_s)
+            memory = ray.get([a.load.remote() for a in self.actors], timeout=timeout_s)
+            ray.get([a.start.remote() for a in self.actors], timeout=timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+        return memory
+
+    def stream(self, request: GenerationRequest) -> Iterator[dict]:
+        """Yields {"tokens": [...], "finish_reason": ...} items; raises ReplicaFailed if a stage dies."""
+        gen = self.head.generate.options(num_returns="streaming").remote(request)
+        done = False
+        try:
+            for ref in gen:
+                item = ray.get(ref)
+                done = item["finish_reason"] is not None
+                yield item
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, ReplicaFailed):
+                raise ReplicaFailed(self._diagnose(str(exc.cause))) from None
+            if isinstance(exc.cause, ShardsError):
+                raise exc.cause from None
+            raise
+        except ray.exceptions.RayActorError as exc:
+            raise ReplicaFailed(self._diagnose(f"head stage unreachable: {exc}")) from None
+        finally:
+            if not done:  # closed early (caller gone) or failed: cancel the request on the head
+                ray.cancel(gen)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = GenerationResult()
+        for item in self.stream(request):
+            result.token_ids.extend(item["tokens"])
+            result.finish_reason = item["finish_reason"] or result.finish_reason
+        return result
+
+    def ping(self, timeout_s: float = 2.0) -> list[dict | None]:
+        """Each stage's ping answer, or None for a stage that is dead or did not answer in time."""
+        refs = [a.ping.remote() for a in self.actors]
+        out: list[dict | None] = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(None)
+        return out
+
+    def stats(self, timeout_s: float = 5.0) -> list[dict | None]:
+        out: list[dict | None] = []
+        for ref in [a.stats.remote() for a in self.actors]:
+            try:
+                out.append(ray.get(ref, timeout=timeout_s))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(None)
+        return out
+
+    def nodes(self) -> list[dict]:
+        return ray.get([a.node.remote() for a in self.actors])
+
+    def _diagnose(self, detail: str) -> str:
+        pings = self.ping()
+        dead = [i for i, p in enumerate(pings) if p is None]
+        if dead:
+            names = ", ".join(f"stage {i} (layers {self.plans[i].layer_start}-{self.plans[i].layer_end - 1})" for i in dead)
+            return f"replica {self.name} lost {names}: {detail}"
+        return f"replica {self.name} failed: {detail}"
+
+    def kill_stage(self, index: int) -> None:
+        """Kill one stage actor (for failure tests and chaos)."""
+        ray.kill(self.actors[index], no_restart=True)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        refs = [a.shutdown.remote() for a in self.actors]
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
+                self._pg = None
+            self.actors = []

@@ -1,0 +1,205 @@
+"""The head stage's scheduler: continuous batching over static KV slots. Pure Python.
+
+Requests wait for a free KV slot; an admitted sequence is prefilled in chunks of
+at most `prefill_chunk` tokens, then decodes one token per step in batches with
+other sequences. Up to `n_stages` micro-batches are in flight at once so every
+stage computes; decoding sequences are split into `n_stages` groups for that.
+
+Results come back in the order micro-batches were sent (the pipeline is FIFO),
+and `on_result` turns each into per-request events. A cancelled sequence frees
+its slot at once: a micro-batch still in flight may write that slot's KV, but
+only at positions the next owner overwrites (its prefill follows in FIFO order)
+or masks (beyond its length).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from shards.errors import RequestError
+from shards.kv import SlotAllocator
+from shards.sampling import SamplingParams
+from shards.transport import Header, Kind, RowMeta
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token for a request, and/or its end (`finish_reason`: "stop", "length", "cancelled")."""
+
+    request_id: str
+    token: int | None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    slot: int
+    tokens: list[int]  # prompt, then generated tokens
+    prefill_sent: int = 0  # prompt tokens already sent for prefill
+    generated: int = 0
+    awaiting_token: bool = False  # a micro-batch that samples for it is in flight
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefill_sent >= self.prompt_len
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    mb_id: int
+    header: Header
+    input_ids: list[list[int]]  # [B][T]
+    request_ids: tuple[str, ...]
+
+
+@dataclass
+class Scheduler:
+    n_slots: int
+    max_seq_len: int
+    prefill_chunk: int
+    n_stages: int
+    vocab_size: int
+    waiting: deque[GenerationRequest] = field(default_factory=deque)
+    running: dict[str, Sequence] = field(default_factory=dict)
+    in_flight: deque[MicroBatch] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.slots = SlotAllocator(self.n_slots)
+        self._ids = itertools.count()
+        self._last_was_prefill = False
+
+    # -- intake
+    def validate(self, request: GenerationRequest) -> None:
+        if not request.prompt:
+            raise RequestError("prompt", "must hold at least one token")
+        if len(request.prompt) >= self.max_seq_len:
+            raise RequestError(
+                "prompt", f"{len(request.prompt)} tokens leave no room to generate (max_seq_len={self.max_seq_len})"
+            )
+        bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if request.max_new_tokens <= 0:
+            raise RequestError("max_new_tokens", f"must be positive, got {request.max_new_tokens}")
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise RequestError("request_id", f"{request.request_id!r} is already running")
+
+    def submit(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> TokenEvent | None:
+        for req in self.waiting:
+            if req.request_id == request_id:
+                self.waiting.remove(req)
+                return TokenEvent(request_id, None, "cancelled")
+        seq = self.running.pop(request_id, None)
+        if seq is None:
+            return None
+        self.slots.release(seq.slot)
+        return TokenEvent(request_id, None, "cancelled")
+
+    def _admit(self) -> None:
+        while self.waiting and self.slots.free:
+            req = self.waiting.popleft()
+            slot = self.slots.acquire()
+            assert slot is not None
+            self.running[req.request_id] = Sequence(req, slot, list(req.prompt))
+
+    # -- forming micro-batches
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running and not self.in_flight
+
+    def next_microbatch(self) -> MicroBatch | None:
+        if len(self.in_flight) >= self.n_stages:
+            return None
+        self._admit()
+        prefill = next((s for s in self.running.values() if not s.decoding), None)
+        ready = [s for s in self.running.values() if s.decoding and not s.awaiting_token]
+        if prefill and (not ready or not self._last_was_prefill):
+            mb = self._prefill(prefill)
+        elif ready:
+            mb = self._decode(ready)
+        else:
+            return None
+        self.in_flight.append(mb)
+        return mb
+
+    def _row(self, seq: Sequence, start: int, n: int, sample: bool) -> RowMeta:
+        return RowMeta(seq.slot, start, sample, start + n, seq.request.sampling)
+
+    def _prefill(self, seq: Sequence) -> MicroBatch:
+        start = seq.prefill_sent
+        chunk = seq.tokens[start : min(seq.prompt_len, start + self.prefill_chunk)]
+        seq.prefill_sent += len(chunk)
+        last = seq.decoding
+        seq.awaiting_token = last
+        header = Header(Kind.DATA, next(self._ids), len(chunk), (self._row(seq, start, len(chunk), last),))
+        self._last_was_prefill = True
+        return MicroBatch(header.mb_id, header, [chunk], (seq.request.request_id,))
+
+    def _decode(self, ready: list[Sequence]) -> MicroBatch:
+        n_decoding = sum(1 for s in self.running.values() if s.decoding)
+        group = max(1, -(-n_decoding // self.n_stages))  # ceil: one group per stage
+        chosen = ready[:group]
+        rows = []
+        for seq in chosen:
+            seq.awaiting_token = True
+            rows.append(self._row(seq, len(seq.tokens) - 1, 1, True))
+        header = Header(Kind.DATA, next(self._ids), 1, tuple(rows))
+        self._last_was_prefill = False
+        return MicroBatch(
+            header.mb_id, header, [[s.tokens[-1]] for s in chosen], tuple(s.request.request_id for s in chosen)
+        )
+
+    # -- results
+    def on_result(self, mb_id: int, tokens: list[int]) -> list[TokenEvent]:
+        mb = self.in_flight.popleft()
+        if mb.mb_id != mb_id:
+            raise RuntimeError(f"pipeline returned micro-batch {mb_id}, expected {mb.mb_id}")
+        sampled = [rid for rid, row in zip(mb.request_ids, mb.header.rows, strict=True) if row.sample]
+        events = []
+        for rid, token in zip(sampled, tokens, strict=True):
+            seq = self.running.get(rid)
+            if seq is None:  # cancelled while in flight
+                continue
+            seq.awaiting_token = False
+            seq.tokens.append(token)
+            seq.generated += 1
+            reason = None
+            if token in seq.request.stop_token_ids:
+                reason = "stop"
+            elif seq.generated >= seq.request.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
+                reason = "length"
+            events.append(TokenEvent(rid, token, reason))
+            if reason:
+                del self.running[rid]
+                self.slots.release(seq.slot)
+        return events
+
+    def fail_all(self) -> list[str]:
+        """Drop every request (the pipeline broke); returns their ids."""
+        ids = [r.request_id for r in self.waiting] + list(self.running)
+        for seq in self.running.values():
+            self.slots.release(seq.slot)
+        self.waiting.clear()
+        self.running.clear()
+        self.in_flight.clear()
+        return ids

@@ -1,0 +1,34 @@
+"""What a replica needs to know to start: plain, immutable data built from the validated config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    model_dir: str
+    stages: int = 2
+    max_batch: int = 8  # KV slots per stage = sequences decoded at once
+    max_seq_len: int = 512
+    prefill_chunk: int = 128
+    dtype: str = "float32"
+    device: str = "cpu"  # "cpu" or "cuda"
+    tensor_parallel: int = 1
+    torch_threads: int = 0  # 0: this node's cores divided among the stages
+    cpus_per_stage: float = 1.0
+    transport_timeout_s: float = 10.0
+    keepalive_s: float = 1.0
+    placement_strategy: str = "PACK"  # Ray placement group strategy for the stages
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device == "cuda" else "gloo"

@@ -1,0 +1,312 @@
+"""One pipeline stage: its layers, its KV slots, and its step loop.
+
+`Stage` is plain Python (testable without Ray): it loads its own tensors,
+joins the replica's process group and runs its step loop in a background
+thread, so `ping`, `stats` and `shutdown` answer while it computes.
+
+- Stage 0 (the head) owns the `Scheduler`: it takes requests, forms
+  micro-batches, computes its layers and sends activations on; it receives the
+  sampled tokens back from the last stage and hands them to each request's sink.
+- Every other stage relays: receive, compute its layers, send on; the last one
+  samples and sends the tokens to the head.
+
+A transport failure ends the loop, marks the stage FAILED, fails every request
+at the head with `ReplicaFailed`, and closes the process group so that peers
+blocked on this stage fail too instead of hanging.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from shards.checkpoint import load_stage
+from shards.errors import ReplicaFailed, RequestError, ShardsError
+from shards.kv import StageCache
+from shards.model import ModelArgs, StageModel
+from shards.partition import StagePlan
+from shards.sampling import sample
+from shards.scheduler import GenerationRequest, MicroBatch, Scheduler, TokenEvent
+from shards.spec import ReplicaSpec
+from shards.transport import Header, Kind, PipeLink, open_rendezvous
+
+Sink = Callable[[TokenEvent | BaseException], None]
+
+
+class StageState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request: GenerationRequest
+    sink: Sink
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class Stage:
+    def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str) -> None:
+        self.spec, self.plan, self.args, self.replica = spec, plan, args, replica
+        self.state = StageState.STARTING
+        self.error: str | None = None
+        self.device = torch.device("cuda" if spec.device == "cuda" else "cpu")
+        threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // spec.stages)
+        torch.set_num_threads(threads)
+        self._store = None
+        self._link: PipeLink | None = None
+        self.model: StageModel | None = None
+        self.cache: StageCache | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[str, Sink] = {}
+        self._thread: threading.Thread | None = None
+        self.scheduler = Scheduler(
+            spec.max_batch, spec.max_seq_len, spec.prefill_chunk, spec.stages, args.vocab_size
+        )
+        self.steps = 0
+        self.tokens_out = 0
+        self.loaded_rss_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.replica}/stage-{self.plan.index}"
+
+    # -- setup
+    def open_rendezvous(self, host: str) -> int:
+        self._store = open_rendezvous(host, self.spec.stages, self.spec.transport_timeout_s)
+        return self._store.port
+
+    def connect(self, host: str, port: int) -> None:
+        if self.spec.stages == 1:
+            return
+        self._link = PipeLink(
+            self.plan.index,
+            self.spec.stages,
+            host,
+            port,
+            self.spec.backend,
+            self.spec.transport_timeout_s,
+            self.spec.max_batch,
+            self.device,
+            store=self._store,
+        )
+
+    def load(self) -> dict:
+        """Read this stage's tensors and allocate its KV slots; returns planned vs measured bytes."""
+        rss_before = psutil.Process().memory_info().rss
+        p = self.plan
+        self.model = load_stage(
+            self.spec.model_dir, self.args, p.layer_start, p.layer_end, p.first, p.last,
+            self.spec.torch_dtype, self.device,
+        )
+        self.cache = StageCache(
+            range(p.layer_start, p.layer_end), self.spec.max_batch, self.spec.max_seq_len,
+            self.args.num_kv_heads, self.args.head_dim, self.spec.torch_dtype, self.device,
+        )
+        self.loaded_rss_bytes = psutil.Process().memory_info().rss - rss_before
+        return self.memory()
+
+    def memory(self) -> dict:
+        weights = sum(t.nbytes for t in self.model.parameters()) if self.model else 0
+        return {
+            "planned_weight_bytes": self.plan.weight_bytes,
+            "planned_kv_bytes": self.plan.kv_bytes,
+            "weight_bytes": weights,
+            "kv_bytes": self.cache.nbytes() if self.cache else 0,
+            "loaded_rss_bytes": self.loaded_rss_bytes,
+        }
+
+    def start(self) -> None:
+        loop = self._head_loop if self.plan.first else self._relay_loop
+        self._thread = threading.Thread(target=self._run, args=(loop,), name=self.name, daemon=True)
+        self.state = StageState.SERVING
+        self._thread.start()
+
+    # -- requests (head only)
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        if not self.plan.first:
+            raise ShardsError(f"{self.name} is not the head stage")
+        if self.state is not StageState.SERVING:
+            raise ReplicaFailed(f"{self.name} is {self.state.value}: {self.error or 'not serving'}")
+        self.scheduler.validate(request)  # bad input fails here, before it touches the loop
+        self._inbox.put(_Submit(request, sink))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(_Cancel(request_id))
+
+    def ping(self) -> dict:
+        return {"stage": self.plan.index, "state": self.state.value, "time": time.time()}
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "replica": self.replica,
+            "stage": self.plan.index,
+            "layers": [self.plan.layer_start, self.plan.layer_end],
+            "state": self.state.value,
+            "error": self.error,
+            "steps": self.steps,
+            "tokens_out": self.tokens_out,
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "free_slots": s.slots.free if self.plan.first else None,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            **self.memory(),
+        }
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        if self.plan.first:
+            self._inbox.put(_Stop())
+        if self._thread and self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._link:
+            self._link.close()
+        if self.state is StageState.SERVING:
+            self.state = StageState.STOPPED
+
+    # -- the loops
+    def _run(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+            self.state = StageState.STOPPED
+        except Exception as exc:  # noqa: BLE001 — every failure ends the loop and is reported
+            self.error = f"{self.name}: {exc}"
+            self.state = StageState.FAILED
+            if self.plan.first:
+                self._fail_requests(ReplicaFailed(f"replica {self.replica} failed: {exc}"))
+            if self._link:
+                self._link.close()
+
+    def _fail_requests(self, error: ReplicaFailed) -> None:
+        for rid in self.scheduler.fail_all():
+            sink = self._sinks.pop(rid, None)
+            if sink:
+                sink(error)
+        while True:  # requests still in the inbox
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Submit):
+                cmd.sink(error)
+
+    def _forward(self, inputs: torch.Tensor, header: Header) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(
+                inputs.to(self.device), header.positions().to(self.device),
+                header.slots().to(self.device), self.cache,
+            )
+
+    def _sample(self, logits: torch.Tensor, header: Header) -> list[int]:
+        idx = [i for i, r in enumerate(header.rows) if r.sample]
+        if not idx:
+            return []
+        rows = [header.rows[i] for i in idx]
+        return sample(logits[idx].cpu(), [r.params for r in rows], [r.position for r in rows])
+
+    def _handle(self, cmd: object) -> bool:
+        """Apply one inbox command; False means stop."""
+        if isinstance(cmd, _Stop):
+            return False
+        if isinstance(cmd, _Cancel):
+            event = self.scheduler.cancel(cmd.request_id)
+            sink = self._sinks.pop(cmd.request_id, None)
+            if event and sink:
+                sink(event)
+            return True
+        try:
+            self.scheduler.submit(cmd.request)
+            self._sinks[cmd.request.request_id] = cmd.sink
+        except RequestError as exc:
+            cmd.sink(exc)
+        return True
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            self.tokens_out += ev.token is not None
+            sink = self._sinks.get(ev.request_id)
+            if sink:
+                sink(ev)
+            if ev.finish_reason:
+                self._sinks.pop(ev.request_id, None)
+
+    def _head_loop(self) -> None:
+        sched, link = self.scheduler, self._link
+        last_traffic = time.monotonic()
+        while True:
+            wait_s = 0 if not sched.idle else self.spec.keepalive_s
+            try:
+                cmd = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if not self._handle(cmd):
+                    if link:
+                        link.send_forward(Header(Kind.STOP, -1, 0), None)
+                        link.flush()
+                    return
+                try:
+                    cmd = self._inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            sent = False
+            while (mb := sched.next_microbatch()) is not None:
+                self._step_head(mb)
+                sent = True
+            if sched.in_flight and link:
+                mb_id, tokens = link.recv_result()
+                self._deliver(sched.on_result(mb_id, tokens))
+                last_traffic = time.monotonic()
+            elif link and not sent and time.monotonic() - last_traffic >= self.spec.keepalive_s:
+                # idle: prove the pipeline is whole, so a dead peer is found now, not at the next request
+                link.send_forward(Header(Kind.NOOP, -1, 0), None)
+                link.recv_result()
+                last_traffic = time.monotonic()
+
+    def _step_head(self, mb: MicroBatch) -> None:
+        out = self._forward(torch.tensor(mb.input_ids, dtype=torch.int64), mb.header)
+        self.steps += 1
+        if self._link is None:  # single stage: sample here
+            self._deliver(self.scheduler.on_result(mb.mb_id, self._sample(out, mb.header)))
+        else:
+            self._link.send_forward(mb.header, out)
+
+    def _relay_loop(self) -> None:
+        link, last = self._link, self.plan.last
+        while True:
+            header, payload = link.recv_forward(self.args.hidden_size, self.spec.torch_dtype)
+            if header.kind == Kind.STOP:
+                if not last:
+                    link.send_forward(header, None)
+                link.flush()
+                return
+            if header.kind == Kind.NOOP:
+                if last:
+                    link.send_result(header.mb_id, [])
+                else:
+                    link.send_forward(header, None)
+                continue
+            out = self._forward(payload, header)
+            self.steps += 1
+            if last:
+                link.send_result(header.mb_id, self._sample(out, header))
+            else:
+                link.send_forward(header, out)

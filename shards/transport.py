@@ -1,0 +1,222 @@
+"""Stage-to-stage transport: torch.distributed point-to-point inside one replica.
+
+Every replica has its own process group (Gloo on CPU, NCCL on CUDA) whose
+rendezvous is a TCPStore opened by stage 0 on a free port of its node. Messages:
+
+- stage i -> i+1: a fixed-size int64 header (`Header`), then, for data, the
+  activations [B, T, H] whose shape the header gives;
+- last stage -> stage 0: a fixed-size int64 result (mb id, batch size, tokens).
+
+Only tensors ride here; control (setup, ping, stats, shutdown) goes over Ray
+calls. Every wait is bounded by the group timeout, and a peer that dies closes
+its sockets, so survivors see a `TransportError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from datetime import timedelta
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from shards.errors import TransportError
+from shards.sampling import SamplingParams
+
+
+class Kind(enum.IntEnum):
+    DATA = 1
+    NOOP = 2  # keepalive: travels the pipeline and comes back as an empty result
+    STOP = 3
+
+
+_FIXED = 4  # kind, mb_id, batch, seq_len
+_PER_ROW = 8  # slot, start, sample, seed, top_k, position, temperature bits, top_p bits
+
+
+def _f2i(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _i2f(x: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", x))[0]
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """What every stage needs to know about one row of a micro-batch."""
+
+    slot: int
+    start: int  # position of the row's first token
+    sample: bool  # does the last stage sample a token for this row?
+    position: int  # absolute position of the token to sample
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    mb_id: int
+    seq_len: int
+    rows: tuple[RowMeta, ...] = ()
+
+    @staticmethod
+    def size(max_batch: int) -> int:
+        return _FIXED + _PER_ROW * max_batch
+
+    def pack(self, max_batch: int) -> torch.Tensor:
+        if len(self.rows) > max_batch:
+            raise ValueError(f"micro-batch of {len(self.rows)} rows exceeds max_batch={max_batch}")
+        values = [int(self.kind), self.mb_id, len(self.rows), self.seq_len]
+        for r in self.rows:
+            p = r.params
+            values += [r.slot, r.start, int(r.sample), p.seed, p.top_k, r.position, _f2i(p.temperature), _f2i(p.top_p)]
+        values += [0] * (Header.size(max_batch) - len(values))
+        return torch.tensor(values, dtype=torch.int64)
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> Header:
+        v = t.tolist()
+        kind, mb_id, batch, seq_len = v[:_FIXED]
+        rows = []
+        for b in range(batch):
+            slot, start, samp, seed, top_k, position, temp, top_p = v[_FIXED + _PER_ROW * b : _FIXED + _PER_ROW * (b + 1)]
+            params = SamplingParams(temperature=_i2f(temp), top_k=top_k, top_p=_i2f(top_p), seed=seed)
+            rows.append(RowMeta(slot, start, bool(samp), position, params))
+        return Header(Kind(kind), mb_id, seq_len, tuple(rows))
+
+    def positions(self) -> torch.Tensor:
+        return torch.tensor([[r.start + t for t in range(self.seq_len)] for r in self.rows], dtype=torch.int64)
+
+    def slots(self) -> torch.Tensor:
+        return torch.tensor([r.slot for r in self.rows], dtype=torch.int64)
+
+
+def pack_result(mb_id: int, tokens: list[int], max_batch: int) -> torch.Tensor:
+    return torch.tensor([mb_id, len(tokens), *tokens] + [0] * (max_batch - len(tokens)), dtype=torch.int64)
+
+
+def unpack_result(t: torch.Tensor) -> tuple[int, list[int]]:
+    v = t.tolist()
+    return v[0], v[2 : 2 + v[1]]
+
+
+def interface_for(host: str) -> str | None:
+    """The network interface that owns `host`, so Gloo binds there (loopback stays loopback)."""
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == host for a in addrs):
+            return name
+    return None
+
+
+def open_rendezvous(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Stage 0's store on a free port of its node (port 0: the OS picks)."""
+    return dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+class PipeLink:
+    """One stage's end of its replica's process group."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        host: str,
+        port: int,
+        backend: str,
+        timeout_s: float,
+        max_batch: int,
+        device: torch.device,
+        store: dist.TCPStore | None = None,
+    ) -> None:
+        self.rank, self.world_size, self.max_batch, self.device = rank, world_size, max_batch, device
+        self.timeout_s = timeout_s
+        iface = interface_for(host)
+        if backend == "gloo" and iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+        if store is None:
+            store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            )
+        except Exception as exc:  # noqa: BLE001 — any rendezvous failure is a transport failure
+            raise TransportError(f"stage {rank}: could not join the replica's process group: {exc}") from exc
+        self._store = store
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._header_len = Header.size(max_batch)
+
+    # -- sending (non-blocking; tensors are kept alive until their send completes)
+    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+        tensor = tensor.to(self.device).contiguous()
+        try:
+            work = dist.isend(tensor, dst)
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(f"stage {self.rank}: send to stage {dst} failed: {exc}") from exc
+        self._pending.append((work, tensor))
+        self._reap()
+
+    def _reap(self) -> None:
+        still = []
+        for work, tensor in self._pending:
+            if work.is_completed():
+                self._wait(work, "send")
+            else:
+                still.append((work, tensor))
+        self._pending = still
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(f"stage {self.rank}: {what} failed or timed out: {exc}") from exc
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            work = dist.irecv(buf, src)
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(f"stage {self.rank}: receive from stage {src} failed: {exc}") from exc
+        self._wait(work, f"receive from stage {src}")
+        return buf
+
+    def send_forward(self, header: Header, payload: torch.Tensor | None) -> None:
+        nxt = self.rank + 1
+        self._isend(header.pack(self.max_batch), nxt)
+        if payload is not None:
+            self._isend(payload, nxt)
+
+    def recv_forward(self, hidden_size: int, dtype: torch.dtype) -> tuple[Header, torch.Tensor | None]:
+        prev = self.rank - 1
+        header = Header.unpack(self._recv((self._header_len,), torch.int64, prev).cpu())
+        if header.kind != Kind.DATA:
+            return header, None
+        payload = self._recv((len(header.rows), header.seq_len, hidden_size), dtype, prev)
+        return header, payload
+
+    def send_result(self, mb_id: int, tokens: list[int]) -> None:
+        self._isend(pack_result(mb_id, tokens, self.max_batch), 0)
+
+    def recv_result(self) -> tuple[int, list[int]]:
+        return unpack_result(self._recv((2 + self.max_batch,), torch.int64, self.world_size - 1).cpu())
+
+    def flush(self) -> None:
+        for work, _ in self._pending:
+            self._wait(work, "send")
+        self._pending = []
+
+    def close(self) -> None:
+        """Leave the group; peers blocked on us see their connection close."""
+        self._pending = []
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 — closing a broken group may fail; it is closed either way
+                pass
