@@ -215,3 +215,16 @@ def load_stage(
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's `tokenizers.Tokenizer` from tokenizer.json, or None when it has none."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 — tokenizers raises plain Exception on bad files
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None

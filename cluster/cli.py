@@ -1,0 +1,231 @@
+"""The `ringpipe` command line.
+
+    ringpipe model create DIR --arch llama     a random-weight checkpoint in HF layout
+    ringpipe model demo DIR                    the small demo model, trained here
+    ringpipe run --model DIR --stages 2 ...    generate through one pipeline replica
+
+Errors print one line to stderr and exit non-zero; they never print a traceback
+for a mistake the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cluster.config import ConfigError, RingpipeConfig, load_config, parse_config
+
+EXAMPLES = """examples:
+  ringpipe model demo models/demo
+  ringpipe run --model models/demo --stages 2 --prompt "The list type" --max-new-tokens 40
+  ringpipe model create /tmp/tiny --arch qwen2 --layers 5 --hidden 128
+  ringpipe run --model /tmp/tiny --stages 3 --prompt-ids 1,2,3 --max-new-tokens 8 --json
+"""
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringpipe",
+        description="Pipeline-parallel LLM serving on Ray.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = sub.add_parser("model", help="make checkpoints (random, or the trained demo model)")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    create = model_sub.add_parser("create", help="write a random-weight checkpoint in Hugging Face layout")
+    create.add_argument("dir", type=Path, help="output directory")
+    create.add_argument("--arch", choices=["llama", "qwen2", "mistral", "glm"], default="llama")
+    create.add_argument("--layers", type=_positive, default=4)
+    create.add_argument("--hidden", type=_positive, default=128)
+    create.add_argument("--heads", type=_positive, default=4)
+    create.add_argument("--kv-heads", type=_positive, default=2)
+    create.add_argument("--vocab", type=_positive, default=1024)
+    create.add_argument("--intermediate", type=_positive, default=None, help="MLP width (default ≈ 8/3 × hidden)")
+    create.add_argument("--tie-embeddings", action="store_true", help="share the embedding with the LM head")
+    create.add_argument("--max-shard-mb", type=_positive, default=None, help="split tensors into shards of this size")
+    create.add_argument("--seed", type=int, default=0)
+
+    demo = model_sub.add_parser(
+        "demo", help="train the demo model (byte-level BPE + small Llama on the pydoc topics); reused once built"
+    )
+    demo.add_argument("dir", type=Path, help="checkpoint directory (built if missing)")
+    demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the full schedule)")
+
+    run = sub.add_parser(
+        "run",
+        help="generate through one pipeline replica on Ray",
+        description="Start (or join, via RAY_ADDRESS / --address) a Ray cluster, build one pipeline "
+        "replica of S stages and print the continuation. Greedy unless --temperature > 0.",
+    )
+    run.add_argument("--model", type=Path, help="checkpoint directory (or model.path in --config)")
+    run.add_argument("--config", type=Path, help="YAML service config; flags override it")
+    run.add_argument("--stages", type=_positive, default=None, help="pipeline stages (default 2)")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", type=_token_ids, help="prompt as token ids: 1,2,3")
+    run.add_argument("--max-new-tokens", type=_positive, default=32)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0, help="0 = off")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens")
+    run.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    run.add_argument("--max-batch", type=_positive, default=None, help="KV slots per stage")
+    run.add_argument("--max-seq-len", type=_positive, default=None)
+    run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    run.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    run.add_argument("--json", action="store_true", help='print one object {"token_ids": [...], "text": ...}')
+    return parser
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"ringpipe: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_config(args: argparse.Namespace) -> RingpipeConfig:
+    overrides: dict = {"model": {}, "pipeline": {}}
+    if args.model:
+        overrides["model"]["path"] = str(args.model)
+    for key in ("dtype", "device"):
+        if getattr(args, key):
+            overrides["model"][key] = getattr(args, key)
+    for key in ("stages", "max_batch", "max_seq_len"):
+        if getattr(args, key):
+            overrides["pipeline"][key] = getattr(args, key)
+    if args.config:
+        return load_config(args.config, overrides)
+    if not args.model:
+        raise ConfigError("give --model DIR (or --config FILE with model.path)")
+    return parse_config(overrides, "command line")
+
+
+def cmd_model_create(args: argparse.Namespace) -> int:
+    from shards.create import RandomModelSpec, create_random_checkpoint
+
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        return _fail("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads")
+    spec = RandomModelSpec(
+        arch=args.arch, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+        vocab=args.vocab, intermediate=args.intermediate, tie_word_embeddings=args.tie_embeddings, seed=args.seed,
+    )
+    shard = args.max_shard_mb * 2**20 if args.max_shard_mb else None
+    path = create_random_checkpoint(args.dir, spec, shard)
+    print(f"wrote a random {args.arch} checkpoint to {path}")
+    return 0
+
+
+def cmd_model_demo(args: argparse.Namespace) -> int:
+    from cluster.demo import build_demo
+
+    path = build_demo(args.dir, steps=args.steps)
+    print(f"demo model ready in {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from shards.checkpoint import load_tokenizer, read_model_args
+    from shards.errors import ShardsError
+    from shards.replica import Replica, make_request
+    from shards.sampling import SamplingParams
+
+    cfg = _run_config(args)
+    spec = cfg.replica_spec()
+    model_args = read_model_args(spec.model_dir)
+    tokenizer = load_tokenizer(spec.model_dir)
+    if args.prompt is not None:
+        if tokenizer is None:
+            return _fail(f"{spec.model_dir} has no tokenizer.json: pass the prompt as --prompt-ids 1,2,3")
+        prompt = tokenizer.encode(args.prompt).ids
+    else:
+        prompt = args.prompt_ids
+    if args.temperature < 0:
+        return _fail(f"--temperature must be ≥ 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        return _fail(f"--top-p must be in (0, 1], got {args.top_p}")
+    sampling = SamplingParams(args.temperature, max(args.top_k, 0), args.top_p, args.seed)
+    stops = set() if args.ignore_eos else set(model_args.eos_token_ids)
+
+    from cluster.local import init_ray
+
+    mode = init_ray(args.address)
+    import ray
+
+    replica = Replica(spec, name="run")
+    try:
+        started = time.monotonic()
+        memory = replica.start()
+        for i, (plan, mem) in enumerate(zip(replica.plans, memory, strict=True)):
+            print(
+                f"stage {i}: layers {plan.layer_start}-{plan.layer_end - 1}, "
+                f"weights {mem['weight_bytes'] / 2**20:.1f} MiB + KV {mem['kv_bytes'] / 2**20:.1f} MiB",
+                file=sys.stderr,
+            )
+        print(f"replica ready in {time.monotonic() - started:.1f}s ({mode} Ray)", file=sys.stderr)
+        request = make_request(prompt, args.max_new_tokens, sampling, stops)
+        tokens: list[int] = []
+        shown = ""
+        t0 = time.monotonic()
+        for item in replica.stream(request):
+            tokens.extend(item["tokens"])
+            if not args.json and tokenizer is not None:
+                text = tokenizer.decode(tokens)
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
+            elif not args.json:
+                print(" ".join(map(str, item["tokens"])), end=" ", flush=True)
+        elapsed = time.monotonic() - t0
+        text = tokenizer.decode(tokens) if tokenizer is not None else None
+        if args.json:
+            print(json.dumps({"token_ids": tokens, "text": text}))
+        else:
+            print()
+        print(f"{len(tokens)} tokens in {elapsed:.2f}s ({len(tokens) / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+        return 0
+    except ShardsError as exc:
+        return _fail(str(exc), 1)
+    finally:
+        replica.shutdown()
+        if mode == "local":
+            ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from shards.errors import ShardsError
+
+    try:
+        if args.command == "model":
+            return cmd_model_create(args) if args.model_command == "create" else cmd_model_demo(args)
+        return cmd_run(args)
+    except (ConfigError, ShardsError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Our stages, chained in one process, against transformers as the reference model.
+
+Every architecture is checked for greedy continuations and prefill logits, whole and
+cut into 2 and 3 stages (5 layers on 3 stages is an uneven cut). transformers loads the
+same checkpoint directory, so the expected values never come from `shards`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from shards.checkpoint import load_stage, read_model_args
+from shards.create import RandomModelSpec, hf_config, random_tensors, write_checkpoint
+from shards.inprocess import InProcessModel
+
+NEW_TOKENS = 24
+# 12 tokens: longer than mistral's sliding window below, so the window is exercised in prefill.
+PROMPT = [1, 17, 93, 5, 250, 44, 8, 120, 33, 201, 7, 64]
+VOCAB = 300
+LAYERS = 5
+
+# Seeds chosen so that each random model's greedy continuation is varied (checked below).
+CASES = {
+    "llama": dict(arch="llama", seed=0),
+    "llama-tied": dict(arch="llama", tie_word_embeddings=True, seed=0),
+    "mistral-window8": dict(arch="mistral", sliding_window=8, seed=0),
+    "qwen2-tied": dict(arch="qwen2", tie_word_embeddings=True, seed=0),  # q/k/v bias
+    "glm": dict(arch="glm", seed=0),  # partial interleaved rotary, fused gate/up, bias
+}
+
+
+def load_reference(model_dir: Path) -> AutoModelForCausalLM:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # InProcessModel.generate always produces max_new_tokens tokens; stop transformers
+    # from ending at (or, with min_new_tokens, suppressing) the EOS token.
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def reference_greedy(model: AutoModelForCausalLM, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def reference_logits(model: AutoModelForCausalLM, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([prompt]), use_cache=False).logits[0].float()
+
+
+@dataclass
+class Reference:
+    model_dir: Path
+    model: AutoModelForCausalLM
+    continuation: list[int]
+    logits: torch.Tensor  # [T, V] for PROMPT
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def reference(request: pytest.FixtureRequest, make_checkpoint) -> Reference:
+    overrides = dict(CASES[request.param])
+    model_dir = make_checkpoint(overrides.pop("arch"), layers=LAYERS, vocab=VOCAB, **overrides)
+    model = load_reference(model_dir)
+    return Reference(
+        model_dir, model, reference_greedy(model, PROMPT, NEW_TOKENS), reference_logits(model, PROMPT)
+    )
+
+
+def test_reference_continuation_is_not_degenerate(reference: Reference) -> None:
+    # A continuation that repeats one or two tokens would let most bugs through.
+    assert len(reference.continuation) == NEW_TOKENS
+    assert len(set(reference.continuation)) >= 8, reference.continuation
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_greedy_continuation_matches_transformers(reference: Reference, n_stages: int) -> None:
+    model = InProcessModel(reference.model_dir, n_stages=n_stages, n_slots=2, max_seq_len=64)
+    assert len(model.stages) == n_stages
+    assert model.generate([PROMPT], NEW_TOKENS) == [reference.continuation]
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3])
+def test_prefill_logits_match_transformers(reference: Reference, n_stages: int) -> None:
+    model = InProcessModel(reference.model_dir, n_stages=n_stages, n_slots=2, max_seq_len=64)
+    logits = model.prefill_logits(PROMPT)
+    assert logits.shape == reference.logits.shape
+    torch.testing.assert_close(logits, reference.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_without_cache_matches_transformers(reference: Reference) -> None:
+    args = read_model_args(reference.model_dir)
+    stage = load_stage(reference.model_dir, args, 0, args.num_layers, first=True, last=True)
+    positions = torch.arange(len(PROMPT))[None]
+    with torch.no_grad():
+        logits = stage(torch.tensor([PROMPT]), positions, None, None, logits_for_last_only=False)
+    torch.testing.assert_close(logits[0], reference.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_prompts_of_different_lengths_match_each_alone(reference: Reference) -> None:
+    # Lengths on both sides of mistral's window of 8; each row lives in its own slot.
+    prompts = [PROMPT[:3], PROMPT + [11, 222], PROMPT[2:9]]
+    n = 16
+    expected = [reference_greedy(reference.model, p, n) for p in prompts]
+    model = InProcessModel(reference.model_dir, n_stages=2, n_slots=4, max_seq_len=64)
+    assert model.generate(prompts, n) == expected
+
+
+def test_sharded_checkpoint_matches_transformers(make_checkpoint) -> None:
+    # Tied embeddings: the last stage's head comes from the embedding, which sits in
+    # another shard file than the last layers.
+    model_dir = make_checkpoint(
+        "qwen2", max_shard_bytes=64 * 1024, layers=LAYERS, vocab=VOCAB, tie_word_embeddings=True, seed=0
+    )
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shard_files = set(index["weight_map"].values())
+    assert len(shard_files) >= 3
+    assert not (model_dir / "model.safetensors").exists()
+    assert all((model_dir / f).is_file() for f in shard_files)
+
+    hf = load_reference(model_dir)
+    expected = reference_greedy(hf, PROMPT, NEW_TOKENS)
+    assert len(set(expected)) >= 8, expected
+    for n_stages in (1, 3):
+        model = InProcessModel(model_dir, n_stages=n_stages, n_slots=2, max_seq_len=64)
+        assert model.generate([PROMPT], NEW_TOKENS) == [expected]
+        torch.testing.assert_close(
+            model.prefill_logits(PROMPT), reference_logits(hf, PROMPT), atol=1e-4, rtol=1e-4
+        )
+
+
+ROPE_SCALINGS = {
+    # original_max_position_embeddings small enough that all three llama3 bands are hit
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("scaling", list(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(tmp_path: Path, scaling: str) -> None:
+    spec = RandomModelSpec(arch="llama", layers=4, vocab=VOCAB, seed=0)
+    cfg = hf_config(spec)
+    tensors = random_tensors(cfg, spec.seed)
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], **ROPE_SCALINGS[scaling]}
+    scaled_dir = write_checkpoint(tmp_path / "scaled", cfg, tensors)
+    plain_dir = write_checkpoint(tmp_path / "plain", hf_config(spec), tensors)
+    prompt = [(7 * i + 3) % VOCAB for i in range(40)]
+
+    hf = load_reference(scaled_dir)
+    expected_logits = reference_logits(hf, prompt)
+    # The scaling must change the model, or this test would not test it.
+    plain_logits = reference_logits(load_reference(plain_dir), prompt)
+    assert (expected_logits - plain_logits).abs().max() > 1e-2
+
+    model = InProcessModel(scaled_dir, n_stages=2, n_slots=2, max_seq_len=128)
+    torch.testing.assert_close(model.prefill_logits(prompt), expected_logits, atol=1e-4, rtol=1e-4)
+    assert model.generate([prompt], 16) == [reference_greedy(hf, prompt, 16)]
