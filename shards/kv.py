@@ -35,6 +35,10 @@ class LayerCache:
         rows = slots[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
+        first, n = int(slots[0]), slots.numel()
+        if bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
+            # consecutive slots (the common decode case): a view, no copy of the cache
+            return self.k[first : first + n, :, :length], self.v[first : first + n, :, :length]
         return self.k[slots, :, :length], self.v[slots, :, :length]
 
 
