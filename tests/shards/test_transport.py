@@ -1,0 +1,104 @@
+"""The stage-to-stage transport on real Gloo process groups (two OS processes, loopback)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shards.sampling import SamplingParams
+from shards.transport import Header, Kind, RowMeta, pack_result, unpack_result
+
+rows = st.builds(
+    RowMeta,
+    slot=st.integers(0, 31),
+    start=st.integers(0, 10_000),
+    sample=st.booleans(),
+    position=st.integers(0, 10_000),
+    params=st.builds(
+        SamplingParams,
+        temperature=st.floats(0, 10, allow_nan=False),
+        top_k=st.integers(0, 1000),
+        top_p=st.floats(0.01, 1.0, allow_nan=False),
+        seed=st.integers(0, 2**63 - 1),
+    ),
+)
+
+
+@given(kind=st.sampled_from(list(Kind)), mb_id=st.integers(-1, 2**40), seq_len=st.integers(0, 4096),
+       rows=st.lists(rows, max_size=32))
+def test_header_round_trips(kind, mb_id, seq_len, rows):
+    header = Header(kind, mb_id, seq_len, tuple(rows))
+    packed = header.pack(32)
+    assert packed.shape == (Header.size(32),)  # fixed size whatever the batch
+    assert Header.unpack(packed) == header
+
+
+@given(tokens=st.lists(st.integers(0, 2**31), max_size=16), mb_id=st.integers(0, 2**40))
+def test_result_round_trips(tokens, mb_id):
+    assert unpack_result(pack_result(mb_id, tokens, 16)) == (mb_id, tokens)
+
+
+def _peer(rank: int, port: int, queue, timeout_s: float) -> None:
+    from shards.transport import PipeLink
+
+    link = PipeLink(rank, 2, "127.0.0.1", port, "gloo", timeout_s, 4, torch.device("cpu"))
+    header, payload = link.recv_forward(8, torch.float32)
+    queue.put(("got", header.mb_id, payload.sum().item()))
+    link.send_result(header.mb_id, [int(payload[0, 0, 0].item())])
+    queue.put(("sent", None, None))
+    time.sleep(600)  # stay alive until the test kills or stops us
+
+
+@pytest.fixture
+def pair():
+    """Stage 0 here, stage 1 in a separate process, joined through a real Gloo group."""
+    from shards.transport import PipeLink, open_rendezvous
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = open_rendezvous("127.0.0.1", 2, 10)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peer, args=(1, store.port, queue, 3.0), daemon=True)
+    proc.start()
+    link = PipeLink(0, 2, "127.0.0.1", store.port, "gloo", 3.0, 4, torch.device("cpu"), store=store)
+    yield link, proc, queue
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+    proc.join(10)
+    link.close()
+
+
+def test_send_and_result(pair):
+    link, _, queue = pair
+    payload = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    rows_ = tuple(RowMeta(i, 0, True, 3, SamplingParams()) for i in range(2))
+    link.send_forward(Header(Kind.DATA, 7, 3, rows_), payload)
+    assert queue.get(timeout=30) == ("got", 7, payload.sum().item())
+    assert link.recv_result() == (7, [0])
+
+
+def test_dead_peer_is_an_error_not_a_hang(pair):
+    from shards.errors import TransportError
+
+    link, proc, queue = pair
+    proc.kill()
+    proc.join(10)
+    with pytest.raises(TransportError):  # a hang here would be stopped by pytest-timeout, failing the test
+        link.recv_result()
+
+
+def test_hung_peer_times_out(pair):
+    from shards.errors import TransportError
+
+    link, proc, _ = pair
+    os.kill(proc.pid, signal.SIGSTOP)
+    with pytest.raises(TransportError, match="timed out|failed"):
+        link.recv_result()
