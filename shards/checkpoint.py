@@ -30,47 +30,73 @@ UNSUPPORTED_FIELDS = ("quantization_config",)
 def _required(cfg: dict, key: str) -> int:
     if key not in cfg or cfg[key] is None:
         raise CheckpointError(f"config.json has no {key!r}")
-    value = cfg[key]
-    if not isinstance(value, int) or value <= 0:
+    return _int(cfg, key, 0)
+
+
+def _int(cfg: dict, key: str, default: int) -> int:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise CheckpointError(f"config.json field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _float(value: object, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"config.json field {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _mapping(cfg: dict, key: str) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"config.json field {key!r} must be an object, got {value!r}")
     return value
 
 
 def _rope(cfg: dict, arch: str) -> tuple[float, float, RopeScaling | None]:
     """(rope_theta, partial_rotary_factor, scaling) from either the v4 or the v5 config layout."""
-    params = dict(cfg.get("rope_parameters") or {})
-    legacy = cfg.get("rope_scaling") or {}
+    params = _mapping(cfg, "rope_parameters")
+    legacy = _mapping(cfg, "rope_scaling")
     field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     merged = {**legacy, **params}
-    theta = float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _float(merged.get("rope_theta", cfg.get("rope_theta", 10000.0)), f"{field}.rope_theta")
     default_partial = 0.5 if arch == "glm" else 1.0
-    partial = float(merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial)))
+    partial = _float(
+        merged.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial)),
+        "partial_rotary_factor",
+    )
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(f"{field}.rope_type", rope_type, ", ".join(SUPPORTED_ROPE_TYPES))
     if rope_type == "default":
         return theta, partial, None
-    try:
-        factor = float(merged["factor"])
-    except KeyError:
-        raise CheckpointError(f"config.json field {field}.factor is required for rope_type {rope_type!r}") from None
+    if "factor" not in merged:
+        raise CheckpointError(f"config.json field {field}.factor is required for rope_type {rope_type!r}")
+    factor = _float(merged["factor"], f"{field}.factor")
     if rope_type == "linear":
         return theta, partial, RopeScaling("linear", factor)
     return theta, partial, RopeScaling(
         "llama3",
         factor,
-        float(merged.get("low_freq_factor", 1.0)),
-        float(merged.get("high_freq_factor", 4.0)),
-        int(merged.get("original_max_position_embeddings", 8192)),
+        _float(merged.get("low_freq_factor", 1.0), f"{field}.low_freq_factor"),
+        _float(merged.get("high_freq_factor", 4.0), f"{field}.high_freq_factor"),
+        _int(merged, "original_max_position_embeddings", 8192),
     )
 
 
 def parse_config(cfg: dict) -> ModelArgs:
     """Validate a config.json dict and turn it into `ModelArgs`."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
     arch = cfg.get("model_type")
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModelError("model_type", arch, ", ".join(SUPPORTED_ARCHS))
-    for declared in cfg.get("architectures") or []:
+    declared_archs = cfg.get("architectures") or []
+    if isinstance(declared_archs, str):
+        declared_archs = [declared_archs]
+    for declared in declared_archs:
         if declared != SUPPORTED_ARCHS[arch]:
             raise UnsupportedModelError("architectures", declared, SUPPORTED_ARCHS[arch])
     for key in UNSUPPORTED_FIELDS:
@@ -84,9 +110,9 @@ def parse_config(cfg: dict) -> ModelArgs:
 
     hidden = _required(cfg, "hidden_size")
     heads = _required(cfg, "num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
     default_head_dim = 128 if arch == "glm" else hidden // heads
-    head_dim = cfg.get("head_dim") or default_head_dim
+    head_dim = _int(cfg, "head_dim", default_head_dim)
     if heads % kv_heads:
         raise CheckpointError(
             f"config.json num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -98,7 +124,9 @@ def parse_config(cfg: dict) -> ModelArgs:
     bias = bool(cfg.get("attention_bias", arch == "glm"))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    sliding = cfg.get("sliding_window", 4096) if arch == "mistral" else None
+    sliding = _int(cfg, "sliding_window", 0) or None if arch == "mistral" else None
+    if arch == "mistral" and "sliding_window" not in cfg:
+        sliding = 4096  # MistralConfig's default
     return ModelArgs(
         arch=arch,
         vocab_size=_required(cfg, "vocab_size"),
@@ -108,7 +136,7 @@ def parse_config(cfg: dict) -> ModelArgs:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1.5625e-07 if arch == "glm" else 1e-6)),
+        rms_norm_eps=_float(cfg.get("rms_norm_eps", 1.5625e-07 if arch == "glm" else 1e-6), "rms_norm_eps"),
         rope_theta=theta,
         rotary_dim=rotary_dim,
         rope_interleaved=arch == "glm",
@@ -119,7 +147,7 @@ def parse_config(cfg: dict) -> ModelArgs:
         fused_gate_up=arch == "glm",
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=sliding,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 4096),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )

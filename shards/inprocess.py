@@ -68,6 +68,8 @@ class InProcessModel:
     ) -> list[list[int]]:
         """Batched generation: each prompt prefilled alone, then decoded together."""
         params = params or SamplingParams()
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
         if len(prompts) > self.n_slots:
             raise ValueError(f"{len(prompts)} prompts but only {self.n_slots} KV slots")
         outputs: list[list[int]] = []

@@ -153,9 +153,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        # heads are read off the projections, not the config: under tensor
+        # parallelism each rank holds a slice of them
+        q = self.q_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
         cos, sin = rope
         q = apply_rope(q, cos, sin, a.rope_interleaved)
         k = apply_rope(k, cos, sin, a.rope_interleaved)
@@ -164,9 +166,9 @@ class Attention(nn.Module):
         else:
             keys, values = cache.update(slots, positions, k, v, length=mask.shape[-1])
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads
+            q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
         )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, a.num_heads * a.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

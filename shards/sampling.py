@@ -47,7 +47,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> i
     scores = logits.double() / params.temperature
     probs, order = torch.sort(torch.softmax(scores, dim=-1), descending=True, stable=True)
     if params.top_k > 0:
+        # renormalise before top-p, as transformers' TopK-then-TopP warpers do
         probs = probs[: params.top_k]
+        probs = probs / probs.sum()
     if params.top_p < 1.0:
         cum = torch.cumsum(probs, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)

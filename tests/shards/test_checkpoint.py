@@ -119,6 +119,32 @@ def test_missing_or_bad_size_field_names_it(key: str) -> None:
         parse_config(cfg)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_key_value_heads", "2"),
+        ("head_dim", "16"),
+        ("rms_norm_eps", "tiny"),
+        ("rope_parameters", ["default", 10000.0]),
+    ],
+)
+def test_malformed_config_value_is_a_checkpoint_error_naming_the_field(
+    field: str, value: object
+) -> None:
+    # The module's contract: everything a checkpoint can get wrong is a CheckpointError
+    # naming the field, not a TypeError / ValueError from deep inside the parser.
+    cfg = config()
+    cfg[field] = value
+    with pytest.raises(CheckpointError, match=field):
+        parse_config(cfg)
+
+
+def test_config_json_that_is_not_an_object_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_model_args(tmp_path)
+
+
 def test_unsupported_model_error_survives_pickling() -> None:
     import pickle
 
@@ -260,7 +286,9 @@ def recorded_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str
     return reads, slices
 
 
-def own_tensor_names(all_names: set[str], layer_start: int, layer_end: int, first: bool, last: bool, tied: bool) -> set[str]:
+def own_tensor_names(
+    all_names: set[str], layer_start: int, layer_end: int, first: bool, last: bool, tied: bool
+) -> set[str]:
     """The HF tensors a stage needs, chosen from the file's own key list."""
     owned = set()
     for name in all_names:
@@ -292,7 +320,9 @@ def test_stage_reads_only_its_own_tensors(
 
     stage = load_stage(model_dir, args, plan.layer_start, plan.layer_end, plan.first, plan.last)
 
-    expected = own_tensor_names(all_names, plan.layer_start, plan.layer_end, plan.first, plan.last, tied)
+    expected = own_tensor_names(
+        all_names, plan.layer_start, plan.layer_end, plan.first, plan.last, tied
+    )
     assert sorted(reads) == sorted(expected)  # each read exactly once
     assert set(slices) <= expected
     if stage_index == 1 and not tied:

@@ -91,9 +91,13 @@ def brute_force_update(cache_k, cache_v, slots, positions, k, v):
         ([2], [0], 5),  # prefill into one slot
         ([0, 3, 1], [4, 0, 9], 1),  # decode step: rows at different positions
         ([1, 0], [3, 6], 3),  # chunked prefill of two sequences
+        ([1, 2, 3], [2, 0, 5], 1),  # decode step over consecutive slots
+        ([0, 1, 2, 3], [0, 0, 0, 0], 2),  # every slot, same positions
     ],
 )
-def test_layer_cache_update_writes_at_slot_and_position(slots: list[int], starts: list[int], T: int) -> None:
+def test_layer_cache_update_writes_at_slot_and_position(
+    slots: list[int], starts: list[int], T: int
+) -> None:
     n_slots, kv_heads, max_seq_len, head_dim = 4, 2, 16, 3
     gen = torch.Generator().manual_seed(sum(slots) + T)
     # existing contents, so the test sees both what changed and what must not
@@ -118,7 +122,9 @@ def test_layer_cache_update_writes_at_slot_and_position(slots: list[int], starts
 
 
 def test_stage_cache_keeps_layers_apart_by_global_index() -> None:
-    cache = StageCache(range(3, 6), n_slots=2, max_seq_len=8, kv_heads=1, head_dim=2, dtype=torch.float32)
+    cache = StageCache(
+        range(3, 6), n_slots=2, max_seq_len=8, kv_heads=1, head_dim=2, dtype=torch.float32
+    )
     k = torch.ones(1, 1, 1, 2)
     cache.layer(4).update(torch.tensor([1]), torch.tensor([[5]]), k, 2 * k, length=6)
     assert cache.layer(4).k.sum() == 2 and cache.layer(4).v.sum() == 4
@@ -140,3 +146,35 @@ def test_kv_bytes_equals_the_allocated_tensors(dtype: torch.dtype) -> None:
     assert all(cache.layer(i).k.dtype == dtype for i in range(n_layers))
     assert kv_bytes(n_layers, n_slots, max_seq_len, kv_heads, head_dim, dtype) == allocated
     assert cache.nbytes() == allocated
+
+
+@st.composite
+def cache_writes(draw):
+    n_slots, max_seq_len = 5, 12
+    B = draw(st.integers(1, n_slots))
+    slots = draw(st.permutations(range(n_slots)))[:B]
+    T = draw(st.integers(1, 4))
+    starts = [draw(st.integers(0, max_seq_len - T)) for _ in range(B)]
+    return n_slots, max_seq_len, slots, starts, T
+
+
+@settings(max_examples=100, deadline=None)
+@given(cache_writes(), st.integers(0, 2**31 - 1))
+def test_layer_cache_update_matches_brute_force(write, seed: int) -> None:
+    n_slots, max_seq_len, slots, starts, T = write
+    kv_heads, head_dim = 2, 3
+    gen = torch.Generator().manual_seed(seed)
+    cache_k = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
+    cache_v = torch.randn(n_slots, kv_heads, max_seq_len, head_dim, generator=gen)
+    positions = torch.tensor([[s + t for t in range(T)] for s in starts])
+    k = torch.randn(len(slots), kv_heads, T, head_dim, generator=gen)
+    v = torch.randn(len(slots), kv_heads, T, head_dim, generator=gen)
+    expected_k, expected_v = brute_force_update(cache_k, cache_v, slots, positions, k, v)
+    length = int(positions.max()) + 1
+
+    layer = LayerCache(cache_k, cache_v)
+    keys, values = layer.update(torch.tensor(slots), positions, k, v, length=length)
+
+    assert torch.equal(layer.k, expected_k) and torch.equal(layer.v, expected_v)
+    assert torch.equal(keys, expected_k[slots, :, :length])
+    assert torch.equal(values, expected_v[slots, :, :length])

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from shards.checkpoint import load_stage, read_model_args
 from shards.create import RandomModelSpec, hf_config, random_tensors, write_checkpoint
 from shards.inprocess import InProcessModel
+from shards.sampling import SamplingParams
 
 NEW_TOKENS = 24
 # 12 tokens: longer than mistral's sliding window below, so the window is exercised in prefill.
@@ -32,21 +33,46 @@ CASES = {
     "mistral-window8": dict(arch="mistral", sliding_window=8, seed=0),
     "qwen2-tied": dict(arch="qwen2", tie_word_embeddings=True, seed=0),  # q/k/v bias
     "glm": dict(arch="glm", seed=0),  # partial interleaved rotary, fused gate/up, bias
+    # one KV head shared by all query heads; head_dim * heads != hidden
+    "llama-mqa-wide-heads": dict(arch="llama", kv_heads=1, head_dim=24, seed=0),
+    "glm-no-gqa": dict(arch="glm", kv_heads=4, seed=0),
 }
 
 
-def load_reference(model_dir: Path) -> AutoModelForCausalLM:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: handing each op to a second thread costs more than it saves,
+    and on a busy 2-core machine it makes this module several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_reference(model_dir: Path) -> tuple[AutoModelForCausalLM, dict]:
+    """The transformers model and its loading info (missing / unexpected / mismatched keys)."""
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, output_loading_info=True
+    )
     # InProcessModel.generate always produces max_new_tokens tokens; stop transformers
     # from ending at (or, with min_new_tokens, suppressing) the EOS token.
     model.generation_config.eos_token_id = None
-    return model
+    return model.eval(), info
+
+
+def assert_loads_cleanly(info: dict) -> None:
+    # Weights transformers expects but does not find are silently initialised, and
+    # extra ones ignored: either would hide a wrong tensor layout in the checkpoint.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[kind], (kind, info[kind])
 
 
 def reference_greedy(model: AutoModelForCausalLM, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -61,16 +87,25 @@ class Reference:
     model: AutoModelForCausalLM
     continuation: list[int]
     logits: torch.Tensor  # [T, V] for PROMPT
+    loading_info: dict
 
 
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def reference(request: pytest.FixtureRequest, make_checkpoint) -> Reference:
     overrides = dict(CASES[request.param])
     model_dir = make_checkpoint(overrides.pop("arch"), layers=LAYERS, vocab=VOCAB, **overrides)
-    model = load_reference(model_dir)
+    model, info = load_reference(model_dir)
     return Reference(
-        model_dir, model, reference_greedy(model, PROMPT, NEW_TOKENS), reference_logits(model, PROMPT)
+        model_dir,
+        model,
+        reference_greedy(model, PROMPT, NEW_TOKENS),
+        reference_logits(model, PROMPT),
+        info,
     )
+
+
+def test_checkpoint_has_exactly_the_tensors_transformers_expects(reference: Reference) -> None:
+    assert_loads_cleanly(reference.loading_info)
 
 
 def test_reference_continuation_is_not_degenerate(reference: Reference) -> None:
@@ -112,11 +147,42 @@ def test_batched_prompts_of_different_lengths_match_each_alone(reference: Refere
     assert model.generate(prompts, n) == expected
 
 
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_generate_returns_exactly_max_new_tokens(make_checkpoint, n: int) -> None:
+    model_dir = make_checkpoint("llama", layers=LAYERS, vocab=VOCAB, seed=0)
+    hf = load_reference(model_dir)[0]
+    prompts = [PROMPT, PROMPT[:4]]
+    expected = [reference_greedy(hf, p, n) if n else [] for p in prompts]
+    model = InProcessModel(model_dir, n_stages=2, n_slots=2, max_seq_len=64)
+    assert model.generate(prompts, n) == expected
+
+
+SAMPLED = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
+
+
+def test_seeded_sampling_resumes_exactly(reference: Reference) -> None:
+    """A generation resubmitted as prompt + tokens so far continues as it would have (the
+    takeover contract), and a row samples the same whatever batch it shares."""
+    model = InProcessModel(reference.model_dir, n_stages=2, n_slots=4, max_seq_len=64)
+    full = model.generate([PROMPT], NEW_TOKENS, SAMPLED)[0]
+    assert full != reference.continuation  # it really sampled
+    for done in (1, 10):
+        resumed = model.generate([PROMPT + full[:done]], NEW_TOKENS - done, SAMPLED)[0]
+        assert resumed == full[done:], done
+    batched = model.generate([PROMPT[:5], PROMPT, PROMPT[3:]], NEW_TOKENS, SAMPLED)
+    assert batched[1] == full
+
+
 def test_sharded_checkpoint_matches_transformers(make_checkpoint) -> None:
     # Tied embeddings: the last stage's head comes from the embedding, which sits in
     # another shard file than the last layers.
     model_dir = make_checkpoint(
-        "qwen2", max_shard_bytes=64 * 1024, layers=LAYERS, vocab=VOCAB, tie_word_embeddings=True, seed=0
+        "qwen2",
+        max_shard_bytes=64 * 1024,
+        layers=LAYERS,
+        vocab=VOCAB,
+        tie_word_embeddings=True,
+        seed=0,
     )
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())
     shard_files = set(index["weight_map"].values())
@@ -124,7 +190,8 @@ def test_sharded_checkpoint_matches_transformers(make_checkpoint) -> None:
     assert not (model_dir / "model.safetensors").exists()
     assert all((model_dir / f).is_file() for f in shard_files)
 
-    hf = load_reference(model_dir)
+    hf, info = load_reference(model_dir)
+    assert_loads_cleanly(info)
     expected = reference_greedy(hf, PROMPT, NEW_TOKENS)
     assert len(set(expected)) >= 8, expected
     for n_stages in (1, 3):
@@ -158,10 +225,11 @@ def test_rope_scaling_matches_transformers(tmp_path: Path, scaling: str) -> None
     plain_dir = write_checkpoint(tmp_path / "plain", hf_config(spec), tensors)
     prompt = [(7 * i + 3) % VOCAB for i in range(40)]
 
-    hf = load_reference(scaled_dir)
+    hf, info = load_reference(scaled_dir)
+    assert_loads_cleanly(info)
     expected_logits = reference_logits(hf, prompt)
     # The scaling must change the model, or this test would not test it.
-    plain_logits = reference_logits(load_reference(plain_dir), prompt)
+    plain_logits = reference_logits(load_reference(plain_dir)[0], prompt)
     assert (expected_logits - plain_logits).abs().max() > 1e-2
 
     model = InProcessModel(scaled_dir, n_stages=2, n_slots=2, max_seq_len=128)

@@ -52,7 +52,8 @@ def test_balanced_layers_is_optimal(problem) -> None:
     assert sum(counts) == n_layers
     assert all(c >= 1 for c in counts)
     optimum = min(
-        max_stage_cost(c, layer_cost, first_extra, last_extra) for c in compositions(n_layers, n_stages)
+        max_stage_cost(c, layer_cost, first_extra, last_extra)
+        for c in compositions(n_layers, n_stages)
     )
     assert max_stage_cost(counts, layer_cost, first_extra, last_extra) == optimum
 
@@ -116,7 +117,11 @@ def test_plan_is_balanced_by_the_checkpoints_parameters(model_dir: Path, n_stage
     per_layer, embed, head = file_param_counts(model_dir)
 
     def stage_params(start: int, end: int, first: bool, last: bool) -> int:
-        return sum(per_layer[i] for i in range(start, end)) + (embed if first else 0) + (head if last else 0)
+        return (
+            sum(per_layer[i] for i in range(start, end))
+            + (embed if first else 0)
+            + (head if last else 0)
+        )
 
     for p in plans:
         assert p.params == stage_params(p.layer_start, p.layer_end, p.first, p.last)
@@ -141,15 +146,24 @@ def test_plan_bytes_equal_the_loaded_stage_and_its_cache(
     n_slots, max_seq_len = 3, 24
     plans = plan_stages(args, n_stages, n_slots=n_slots, max_seq_len=max_seq_len, dtype=dtype)
     for p in plans:
-        stage = load_stage(model_dir, args, p.layer_start, p.layer_end, p.first, p.last, dtype=dtype)
+        stage = load_stage(
+            model_dir, args, p.layer_start, p.layer_end, p.first, p.last, dtype=dtype
+        )
         weights = sum(t.numel() * t.element_size() for t in stage.parameters())
         assert p.weight_bytes == weights
 
         cache = StageCache(
-            range(p.layer_start, p.layer_end), n_slots, max_seq_len, args.num_kv_heads, args.head_dim, dtype
+            range(p.layer_start, p.layer_end),
+            n_slots,
+            max_seq_len,
+            args.num_kv_heads,
+            args.head_dim,
+            dtype,
         )
         layers = [cache.layer(i) for i in range(p.layer_start, p.layer_end)]
-        assert p.kv_bytes == sum(c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in layers)
+        assert p.kv_bytes == sum(
+            c.k.numel() * c.k.element_size() + c.v.numel() * c.v.element_size() for c in layers
+        )
         assert p.total_bytes == weights + p.kv_bytes
 
 

@@ -53,7 +53,9 @@ def test_greedy_is_argmax(logits: torch.Tensor) -> None:
     best = max(range(len(values)), key=lambda i: values[i])
     assert sample_row(logits, SamplingParams(), position=5) == best
     # temperature 0 wins over every other knob
-    assert sample_row(logits, SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=9), 5) == best
+    assert (
+        sample_row(logits, SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=9), 5) == best
+    )
 
 
 def test_greedy_batch_is_rowwise_argmax() -> None:
@@ -65,7 +67,9 @@ def test_greedy_batch_is_rowwise_argmax() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(logit_rows, temperatures, seeds, positions)
-def test_top_k_of_one_is_greedy(logits: torch.Tensor, temperature: float, seed: int, position: int) -> None:
+def test_top_k_of_one_is_greedy(
+    logits: torch.Tensor, temperature: float, seed: int, position: int
+) -> None:
     params = SamplingParams(temperature=temperature, top_k=1, seed=seed)
     assert sample_row(logits, params, position) == sample_row(logits, SamplingParams(), position)
 
@@ -77,7 +81,9 @@ def test_top_k_stays_in_the_k_largest(
 ) -> None:
     values = logits.tolist()
     largest = set(sorted(range(len(values)), key=lambda i: -values[i])[:k])
-    token = sample_row(logits, SamplingParams(temperature=temperature, top_k=k, seed=seed), position)
+    token = sample_row(
+        logits, SamplingParams(temperature=temperature, top_k=k, seed=seed), position
+    )
     assert token in largest
 
 
@@ -89,7 +95,9 @@ def test_top_p_stays_in_the_minimal_nucleus(
     probs = softmax(logits.tolist(), temperature)
     # 1e-9 of slack only matters when a prefix's mass is within rounding of top_p.
     allowed = nucleus(probs, top_p + 1e-9)
-    token = sample_row(logits, SamplingParams(temperature=temperature, top_p=top_p, seed=seed), position)
+    token = sample_row(
+        logits, SamplingParams(temperature=temperature, top_p=top_p, seed=seed), position
+    )
     assert token in allowed
 
 
@@ -109,11 +117,14 @@ def test_top_k_then_top_p_follows_the_transformers_convention() -> None:
 
     probs = [0.5, 0.3, 0.2]
     logits = torch.tensor([math.log(p) for p in probs])
-    warped = TopPLogitsWarper(top_p=0.6)(None, TopKLogitsWarper(top_k=2)(None, logits[None].clone()))
+    warped = TopPLogitsWarper(top_p=0.6)(
+        None, TopKLogitsWarper(top_k=2)(None, logits[None].clone())
+    )
     allowed = set(torch.nonzero(torch.isfinite(warped[0])).flatten().tolist())
     assert allowed == {0}
     drawn = {
-        sample_row(logits, SamplingParams(temperature=1.0, top_k=2, top_p=0.6, seed=s), 0) for s in range(200)
+        sample_row(logits, SamplingParams(temperature=1.0, top_k=2, top_p=0.6, seed=s), 0)
+        for s in range(200)
     }
     assert drawn <= allowed, f"drew {sorted(drawn)}; transformers allows only {sorted(allowed)}"
 
@@ -121,7 +132,10 @@ def test_top_k_then_top_p_follows_the_transformers_convention() -> None:
 def test_seeded_draw_depends_only_on_seed_and_position() -> None:
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(8, 64, generator=gen) * 2
-    params = [SamplingParams(temperature=0.9, top_k=20 * (i % 2), top_p=1.0 - 0.1 * (i % 3), seed=100 + i) for i in range(8)]
+    params = [
+        SamplingParams(temperature=0.9, top_k=20 * (i % 2), top_p=1.0 - 0.1 * (i % 3), seed=100 + i)
+        for i in range(8)
+    ]
     # row 5 is greedy: a mixed batch still samples every other row
     params[5] = SamplingParams()
     pos = [3, 17, 17, 250, 0, 9, 4, 1000]
@@ -136,14 +150,22 @@ def test_seeded_draw_depends_only_on_seed_and_position() -> None:
         assert shuffled == [alone[i] for i in order]
     # and as part of a bigger batch with unrelated rows around it
     noise = torch.randn(3, 64, generator=gen)
-    bigger = sample(torch.cat([noise, rows[2:3], noise]), [SamplingParams(temperature=1.0, seed=7)] * 3 + [params[2]] + [SamplingParams(temperature=1.0, seed=8)] * 3, [1, 2, 3, pos[2], 4, 5, 6])
+    bigger = sample(
+        torch.cat([noise, rows[2:3], noise]),
+        [SamplingParams(temperature=1.0, seed=7)] * 3
+        + [params[2]]
+        + [SamplingParams(temperature=1.0, seed=8)] * 3,
+        [1, 2, 3, pos[2], 4, 5, 6],
+    )
     assert bigger[3] == alone[2]
 
 
 def test_seeds_and_positions_change_the_draw() -> None:
     logits = torch.zeros(100)  # uniform: any fixed draw would show up as one token
     by_seed = {sample_row(logits, SamplingParams(temperature=1.0, seed=s), 7) for s in range(50)}
-    by_position = {sample_row(logits, SamplingParams(temperature=1.0, seed=3), t) for t in range(50)}
+    by_position = {
+        sample_row(logits, SamplingParams(temperature=1.0, seed=3), t) for t in range(50)
+    }
     assert len(by_seed) >= 25 and len(by_position) >= 25
 
 
