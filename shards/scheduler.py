@@ -133,9 +133,12 @@ class Scheduler:
         self._admit()
         prefill = next((s for s in self.running.values() if not s.decoding), None)
         ready = [s for s in self.running.values() if s.decoding and not s.awaiting_token]
-        if prefill and (not ready or not self._last_was_prefill):
+        # Wait for a full decode group while others are in flight: sending stragglers
+        # alone would split the sequences into ever smaller micro-batches.
+        can_decode = bool(ready) and (len(ready) >= self._group_size() or not self.in_flight)
+        if prefill and (not can_decode or not self._last_was_prefill):
             mb = self._prefill(prefill)
-        elif ready:
+        elif can_decode:
             mb = self._decode(ready)
         else:
             return None
@@ -155,10 +158,12 @@ class Scheduler:
         self._last_was_prefill = True
         return MicroBatch(header.mb_id, header, [chunk], (seq.request.request_id,))
 
-    def _decode(self, ready: list[Sequence]) -> MicroBatch:
+    def _group_size(self) -> int:
         n_decoding = sum(1 for s in self.running.values() if s.decoding)
-        group = max(1, -(-n_decoding // self.n_stages))  # ceil: one group per stage
-        chosen = ready[:group]
+        return max(1, -(-n_decoding // self.n_stages))  # ceil: one group per stage
+
+    def _decode(self, ready: list[Sequence]) -> MicroBatch:
+        chosen = ready[: self._group_size()]
         rows = []
         for seq in chosen:
             seq.awaiting_token = True
