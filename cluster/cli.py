@@ -11,8 +11,10 @@ for a mistake the user can fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _spinner(what: str):
+    """An elapsed-time bar on stderr while a long step runs (quiet when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    bar = tqdm(desc=what, bar_format="{desc}: {elapsed}", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"ringpipe: error: {message}", file=sys.stderr)
     return code
@@ -174,15 +198,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
     replica = Replica(spec, name="run")
+    for plan in replica.plans:  # known from shapes alone, before any stage starts
+        print(
+            f"stage {plan.index}: layers {plan.layer_start}-{plan.layer_end - 1}, "
+            f"weights {plan.weight_bytes / 2**20:.1f} MiB + KV {plan.kv_bytes / 2**20:.1f} MiB",
+            file=sys.stderr,
+        )
     try:
         started = time.monotonic()
-        memory = replica.start()
-        for i, (plan, mem) in enumerate(zip(replica.plans, memory, strict=True)):
-            print(
-                f"stage {i}: layers {plan.layer_start}-{plan.layer_end - 1}, "
-                f"weights {mem['weight_bytes'] / 2**20:.1f} MiB + KV {mem['kv_bytes'] / 2**20:.1f} MiB",
-                file=sys.stderr,
-            )
+        with _spinner("loading stages"):
+            replica.start()
         print(f"replica ready in {time.monotonic() - started:.1f}s ({mode} Ray)", file=sys.stderr)
         request = make_request(prompt, args.max_new_tokens, sampling, stops)
         tokens: list[int] = []

@@ -246,3 +246,37 @@ def test_hung_stage_times_out(ray_cluster, checkpoints):
     finally:
         os.kill(pid, signal.SIGCONT)
         replica.shutdown()
+
+
+def test_control_calls_answer_while_generating(llama2):
+    """ping/stats are served by the actor while its step loop computes in its thread."""
+    stream = llama2.stream(make_request(PROMPTS[2], 200))
+    seen = len(next(stream)["tokens"])
+    pings = llama2.ping(timeout_s=10)
+    assert [p["state"] for p in pings] == ["serving", "serving"]
+    assert llama2.stats()[0]["running"] == 1  # our request is still mid-generation
+    for item in stream:
+        seen += len(item["tokens"])
+    assert seen == 200
+
+
+def test_bfloat16_replica(ray_cluster, checkpoints):
+    """bf16 on CPU: the pipeline gives the one-process bf16 tokens, and logits stay near transformers' bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from shards.inprocess import InProcessModel
+
+    model_dir = checkpoints["llama"]
+    local = InProcessModel(model_dir, dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        hf_logits = hf(torch.tensor([PROMPTS[0]])).logits[0].float()
+    ours = local.prefill_logits(PROMPTS[0]).float()
+    assert torch.allclose(ours, hf_logits, atol=0.25), float((ours - hf_logits).abs().max())
+    expected = local.generate([PROMPTS[0]], 16)[0]
+    replica = start_replica(model_dir, 2, dtype="bfloat16")
+    try:
+        assert replica.generate(make_request(PROMPTS[0], 16)).token_ids == expected
+        assert replica.stats()[0]["weight_bytes"] == replica.plans[0].params * 2
+    finally:
+        replica.shutdown()
