@@ -38,7 +38,7 @@ def drive(sched: Scheduler, arrivals: dict[int, list[GenerationRequest]], max_st
                 return out, reasons, max_in_flight
             continue
         mb = pipeline.pop(0)
-        tokens = [fake_token(rid, row.position) for rid, row in zip(mb.request_ids, mb.header.rows) if row.sample]
+        tokens = [fake_token(rid, row.position) for rid, row in zip(mb.request_ids, mb.header.rows, strict=True) if row.sample]
         for ev in sched.on_result(mb.mb_id, tokens):
             out.setdefault(ev.request_id, []).append(ev.token)
             if ev.finish_reason:
