@@ -195,8 +195,7 @@ def stage_shapes(
     args: ModelArgs, layer_start: int, layer_end: int, first: bool, last: bool
 ) -> dict[str, tuple[int, ...]]:
     """Every parameter a stage holds (our names) with its expected shape."""
-    with torch.device("meta"):
-        model = StageModel(args, layer_start, layer_end, first, last)
+    model = StageModel(args, layer_start, layer_end, first, last, device="meta")
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
@@ -235,11 +234,12 @@ def load_stage(
                 raise CheckpointError(
                     f"tensor {source} in {file.name} has shape {list(found)}, expected {list(shape)}"
                 )
-            state[name] = handles[file].get_tensor(source).to(device=device, dtype=dtype)
+            # copy=True: own the memory instead of keeping the file mapped, so the
+            # stage's footprint is its weights from the start, whatever the page cache does
+            state[name] = handles[file].get_tensor(source).to(device=device, dtype=dtype, copy=True)
     finally:
         handles.clear()
-    with torch.device("meta"):
-        model = StageModel(args, layer_start, layer_end, first, last)
+    model = StageModel(args, layer_start, layer_end, first, last, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval().requires_grad_(False)

@@ -23,6 +23,8 @@ from torch import nn
 
 from shards.kv import LayerCache, StageCache
 
+Device = torch.device | str | None
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -66,9 +68,9 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device: Device = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,14 +135,14 @@ def apply_rope(
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, device: Device = None) -> None:
         super().__init__()
         self.args = args
         h, hd = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(h, args.num_heads * hd, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.num_heads * hd, h, bias=args.o_bias)
+        self.q_proj = nn.Linear(h, args.num_heads * hd, bias=args.qkv_bias, device=device)
+        self.k_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias, device=device)
+        self.v_proj = nn.Linear(h, args.num_kv_heads * hd, bias=args.qkv_bias, device=device)
+        self.o_proj = nn.Linear(args.num_heads * hd, h, bias=args.o_bias, device=device)
 
     def forward(
         self,
@@ -172,16 +174,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, device: Device = None) -> None:
         super().__init__()
         h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
         self.fused = args.fused_gate_up
         if self.fused:
-            self.gate_up_proj = nn.Linear(h, 2 * i, bias=False)
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=False, device=device)
         else:
-            self.gate_proj = nn.Linear(h, i, bias=bias)
-            self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+            self.gate_proj = nn.Linear(h, i, bias=bias, device=device)
+            self.up_proj = nn.Linear(h, i, bias=bias, device=device)
+        self.down_proj = nn.Linear(i, h, bias=bias, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -192,12 +194,12 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, device: Device = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
+        self.self_attn = Attention(args, device)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
+        self.mlp = FeedForward(args, device)
 
     def forward(self, x, rope, positions, slots, mask, cache: LayerCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, positions, slots, mask, cache)
@@ -218,20 +220,29 @@ class StageModel(nn.Module):
     """Decoder layers [layer_start, layer_end) with the embedding and/or head when this stage owns them."""
 
     def __init__(
-        self, args: ModelArgs, layer_start: int, layer_end: int, first: bool, last: bool
+        self,
+        args: ModelArgs,
+        layer_start: int,
+        layer_end: int,
+        first: bool,
+        last: bool,
+        device: Device = None,  # "meta": shapes only, filled later by load_state_dict(assign=True)
     ) -> None:
         super().__init__()
         self.args = args
         self.layer_start, self.layer_end = layer_start, layer_end
         self.first, self.last = first, last
         if first:
-            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+            # a given _weight skips the random init, which on "meta" pulls in torch's
+            # decomposition machinery (~70 MiB per stage process) for nothing
+            weight = torch.empty(args.vocab_size, args.hidden_size, device=device) if device == "meta" else None
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=weight, device=device)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(args) for i in range(layer_start, layer_end)}
+            {str(i): DecoderLayer(args, device) for i in range(layer_start, layer_end)}
         )
         if last:
-            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device=device)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(

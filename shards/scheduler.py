@@ -82,7 +82,6 @@ class Scheduler:
     def __post_init__(self) -> None:
         self.slots = SlotAllocator(self.n_slots)
         self._ids = itertools.count()
-        self._last_was_prefill = False
 
     # -- intake
     def validate(self, request: GenerationRequest) -> None:
@@ -133,10 +132,12 @@ class Scheduler:
         self._admit()
         prefill = next((s for s in self.running.values() if not s.decoding), None)
         ready = [s for s in self.running.values() if s.decoding and not s.awaiting_token]
-        # Wait for a full decode group while others are in flight: sending stragglers
-        # alone would split the sequences into ever smaller micro-batches.
+        # Prefill first: new sequences join the decode batch as soon as possible, so
+        # decode steps run full (alternating made batches climb a staircase).
+        # Decode waits for a full group while others are in flight: sending
+        # stragglers alone would split the sequences into ever smaller micro-batches.
         can_decode = bool(ready) and (len(ready) >= self._group_size() or not self.in_flight)
-        if prefill and (not can_decode or not self._last_was_prefill):
+        if prefill:
             mb = self._prefill(prefill)
         elif can_decode:
             mb = self._decode(ready)
@@ -155,7 +156,6 @@ class Scheduler:
         last = seq.decoding
         seq.awaiting_token = last
         header = Header(Kind.DATA, next(self._ids), len(chunk), (self._row(seq, start, len(chunk), last),))
-        self._last_was_prefill = True
         return MicroBatch(header.mb_id, header, [chunk], (seq.request.request_id,))
 
     def _group_size(self) -> int:
@@ -169,7 +169,6 @@ class Scheduler:
             seq.awaiting_token = True
             rows.append(self._row(seq, len(seq.tokens) - 1, 1, True))
         header = Header(Kind.DATA, next(self._ids), 1, tuple(rows))
-        self._last_was_prefill = False
         return MicroBatch(
             header.mb_id, header, [[s.tokens[-1]] for s in chosen], tuple(s.request.request_id for s in chosen)
         )
