@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from shards.checkpoint import hf_name, parse_config
@@ -53,14 +53,14 @@ class DemoRecipe:
     """Everything that decides the demo's weights; sized to train in ~3 minutes on 2 CPU cores."""
 
     vocab_size: int = 3072
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 8
-    kv_heads: int = 4
-    seq_len: int = 256  # training context, in tokens
-    batch_size: int = 8
-    steps: int = 320
-    peak_lr: float = 2e-3
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 3
+    seq_len: int = 128  # training context, in tokens
+    batch_size: int = 16
+    steps: int = 650
+    peak_lr: float = 4e-3
     final_lr_fraction: float = 0.1  # cosine decays to peak_lr × this
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
@@ -76,7 +76,7 @@ def corpus_documents() -> list[str]:
 
 
 def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (GPT-2 style) whose encodings start with END_OF_TEXT, as documents do in training."""
+    """Byte-level BPE, GPT-2 style: no BOS is added, so a prompt reads as text to continue."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -87,22 +87,16 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(documents, trainer)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{END_OF_TEXT} $A",
-        pair=f"{END_OF_TEXT} $A {END_OF_TEXT} $B",
-        special_tokens=[(END_OF_TEXT, eot)],
-    )
     return tokenizer
 
 
 def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
     """All documents as one 1-D tensor of ids: END_OF_TEXT doc END_OF_TEXT doc … END_OF_TEXT."""
     eot = tokenizer.token_to_id(END_OF_TEXT)
-    ids: list[int] = []
+    ids = [eot]
     for encoding in tokenizer.encode_batch(documents):
-        ids.extend(encoding.ids)  # the post-processor put END_OF_TEXT in front
-    ids.append(eot)
+        ids.extend(encoding.ids)
+        ids.append(eot)
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -168,13 +162,18 @@ def train_model(
     positions = torch.arange(T).expand(B, T)
     loss_value = float("nan")
     bar = tqdm(
-        range(recipe.steps), desc="training demo model", unit="step", file=sys.stderr, disable=not progress
+        range(recipe.steps),
+        desc="training demo model",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
     )
     for step in bar:
         starts = torch.randint(0, len(stream) - T - 1, (B,), generator=order)
         window = torch.stack([stream[s : s + T + 1] for s in starts.tolist()])  # [B, T+1]
-        logits = model(window[:, :-1], positions, None, None, logits_for_last_only=False)  # [B, T, V]
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab_size), window[:, 1:].reshape(-1))
+        inputs, targets = window[:, :-1], window[:, 1:]
+        logits = model(inputs, positions, None, None, logits_for_last_only=False)  # [B, T, V]
+        loss = F.cross_entropy(logits.reshape(-1, args.vocab_size), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -230,6 +229,7 @@ def _write_demo(directory: Path, recipe: DemoRecipe, progress: bool) -> None:
     stream = token_stream(tokenizer, documents)
     cfg = model_config(recipe, tokenizer.token_to_id(END_OF_TEXT))
     args = parse_config(cfg)  # exactly what the serving side will build from config.json
+    # the caller gets its own thread count and RNG state back
     with _torch_threads(recipe.torch_threads), torch.random.fork_rng():
         tensors, final_loss = train_model(args, stream, recipe, progress)
     write_checkpoint(directory, cfg, tensors)
@@ -251,6 +251,8 @@ def build_demo(directory: str | Path, *, progress: bool = True, steps: int | Non
     `steps` overrides the recipe's training steps (tests use a handful); the
     progress bar over them goes to stderr unless `progress` is False.
     """
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     root = Path(directory)
     if is_finished(root):
         return root
@@ -265,6 +267,8 @@ def build_demo(directory: str | Path, *, progress: bool = True, steps: int | Non
     partial.chmod(0o755)  # mkdtemp makes it private; the checkpoint is for everyone
     try:
         _write_demo(partial, recipe, progress)
+        for file in partial.iterdir():
+            file.chmod(0o644)  # safetensors writes 0600 whatever the umask
         try:
             os.replace(partial, root)  # atomic; replaces only an empty directory
         except OSError:

@@ -70,10 +70,10 @@ def test_transformers_agrees_with_inprocess(demo_dir: Path) -> None:
 
 def test_tokenizer_round_trips_text(demo_dir: Path) -> None:
     tokenizer = _tokenizer(demo_dir)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    text = 'The list type — "list(iterable)"\n\n    >>> [x * 2 for x in range(3)]\n\tdone. ünïcode ✓'
+    text = (
+        'The list type — "list(iterable)"\n\n    >>> [x * 2 for x in range(3)]\n\tdone. ünïcode ✓'
+    )
     ids = tokenizer.encode(text).ids
-    assert ids[0] == eot  # every encoding starts like a training document
     assert tokenizer.decode(ids) == text
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(demo_dir)
@@ -100,7 +100,10 @@ def test_builds_are_deterministic(
     again = build_demo(tmp_path / "again", progress=True, steps=TINY_STEPS)
     assert "loss=" in capsys.readouterr().err  # the progress bar, on stderr
     assert (again / "tokenizer.json").read_bytes() == (demo_dir / "tokenizer.json").read_bytes()
-    first, second = load_file(demo_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    first, second = (
+        load_file(demo_dir / "model.safetensors"),
+        load_file(again / "model.safetensors"),
+    )
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
@@ -124,10 +127,15 @@ def test_refuses_a_directory_holding_something_else(tmp_path: Path) -> None:
         build_demo(tmp_path, progress=False, steps=1)
 
 
+def test_rejects_a_step_count_below_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        build_demo(tmp_path / "demo", progress=False, steps=0)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     recipe = DemoRecipe(peak_lr=1e-3, warmup_fraction=0.1, final_lr_fraction=0.1)
     rates = [learning_rate(step, 100, recipe) for step in range(101)]
     assert rates[0] == pytest.approx(1e-4)
     assert max(rates) == pytest.approx(1e-3) == rates[9]
-    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert all(a >= b for a, b in zip(rates[9:-1], rates[10:], strict=True))
     assert rates[100] == pytest.approx(1e-4)
