@@ -103,7 +103,7 @@ def write_checkpoint(
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_bytes is None or total <= max_shard_bytes:
         save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
-        return root
+        return _readable(root)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -120,6 +120,13 @@ def write_checkpoint(
         weight_map.update({name: file for name in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return _readable(root)
+
+
+def _readable(root: Path) -> Path:
+    """safetensors writes 0600 whatever the umask; stages may run as another user."""
+    for file in root.glob("*.safetensors"):
+        file.chmod(0o644)
     return root
 
 

@@ -271,6 +271,8 @@ class Stage:
             while (mb := sched.next_microbatch()) is not None:
                 self._step_head(mb)
                 sent = True
+                if link is None:
+                    break  # one stage: its result is already in, so take new requests between steps
             if sched.in_flight and link:
                 mb_id, tokens = link.recv_result()
                 self._deliver(sched.on_result(mb_id, tokens))

@@ -36,6 +36,7 @@ class Kind(enum.IntEnum):
 
 
 _FIXED = 4  # kind, mb_id, batch, seq_len
+_SEND_WINDOW = 16  # sends kept in flight per stage before the oldest is waited on
 _PER_ROW = 8  # slot, start, sample, seed, top_k, position, temperature bits, top_p bits
 
 
@@ -164,13 +165,12 @@ class PipeLink:
         self._reap()
 
     def _reap(self) -> None:
-        still = []
-        for work, tensor in self._pending:
-            if work.is_completed():
-                self._wait(work, "send")
-            else:
-                still.append((work, tensor))
-        self._pending = still
+        # Gloo's send Work reports completion only once waited on, so keep a short
+        # window of sends in flight and wait on the oldest beyond it (they are long
+        # done by then); without this the list — and its tensors — grows forever.
+        while len(self._pending) > _SEND_WINDOW:
+            work, _ = self._pending.pop(0)
+            self._wait(work, "send")
 
     def _wait(self, work: dist.Work, what: str) -> None:
         try:

@@ -102,3 +102,36 @@ def test_hung_peer_times_out(pair):
     os.kill(proc.pid, signal.SIGSTOP)
     with pytest.raises(TransportError, match="timed out|failed"):
         link.recv_result()
+
+
+def _sink(port: int, n: int, queue) -> None:
+    from shards.transport import PipeLink
+
+    link = PipeLink(1, 2, "127.0.0.1", port, "gloo", 10.0, 4, torch.device("cpu"))
+    for _ in range(n):
+        link.recv_forward(8, torch.float32)
+    queue.put("done")
+    time.sleep(600)
+
+
+def test_sends_do_not_pile_up():
+    """Gloo send handles only complete when waited on; the link must not keep every one (a leak)."""
+    from shards.transport import _SEND_WINDOW, PipeLink, open_rendezvous
+
+    n = 3 * _SEND_WINDOW
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = open_rendezvous("127.0.0.1", 2, 10)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_sink, args=(store.port, n, queue), daemon=True)
+    proc.start()
+    link = PipeLink(0, 2, "127.0.0.1", store.port, "gloo", 10.0, 4, torch.device("cpu"), store=store)
+    try:
+        for i in range(n):
+            link.send_forward(Header(Kind.NOOP, i, 0), None)
+            assert len(link._pending) <= _SEND_WINDOW
+        assert queue.get(timeout=60) == "done"  # and every message arrived
+    finally:
+        proc.kill()
+        proc.join(10)
+        link.close()
