@@ -85,6 +85,7 @@ class Scheduler:
 
     # -- intake
     def validate(self, request: GenerationRequest) -> None:
+        """Checks that need no scheduler state, so any thread may call this."""
         if not request.prompt:
             raise RequestError("prompt", "must hold at least one token")
         if len(request.prompt) >= self.max_seq_len:
@@ -96,11 +97,19 @@ class Scheduler:
             raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         if request.max_new_tokens <= 0:
             raise RequestError("max_new_tokens", f"must be positive, got {request.max_new_tokens}")
-        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
-            raise RequestError("request_id", f"{request.request_id!r} is already running")
+        p = request.sampling
+        if not p.temperature >= 0:  # also catches NaN
+            raise RequestError("temperature", f"must be ≥ 0 (0 = greedy), got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise RequestError("top_p", f"must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise RequestError("top_k", f"must be ≥ 0 (0 = off), got {p.top_k}")
 
     def submit(self, request: GenerationRequest) -> None:
+        """Queue a request (from the step loop's thread: this reads the queues)."""
         self.validate(request)
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise RequestError("request_id", f"{request.request_id!r} is already running")
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> TokenEvent | None:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shards.errors import RequestError
+from shards.sampling import SamplingParams
 from shards.scheduler import GenerationRequest, Scheduler
 
 
@@ -125,6 +126,11 @@ def test_cancel_frees_slot_and_drops_late_tokens():
         (GenerationRequest("x", tuple(range(64)), 4), "prompt"),
         (GenerationRequest("x", (1, 100), 4), "prompt"),
         (GenerationRequest("x", (1,), 0), "max_new_tokens"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=-0.5)), "temperature"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=float("nan"))), "temperature"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_p=0.0)), "top_p"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_p=1.5)), "top_p"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_k=-1)), "top_k"),
     ],
 )
 def test_bad_requests_name_the_field(req, field):
@@ -159,3 +165,11 @@ def test_random_cancellations_never_leak_slots():
         mb = sched.next_microbatch()
         sched.on_result(mb.mb_id, [5] * sum(r.sample for r in mb.header.rows))
     assert sched.slots.free == 3
+
+
+def test_duplicate_request_id_is_refused():
+    sched = Scheduler(2, 64, 8, 1, vocab_size=100)
+    sched.submit(request("a", 2, 3))
+    with pytest.raises(RequestError) as err:
+        sched.submit(request("a", 2, 3))
+    assert err.value.field == "request_id"
