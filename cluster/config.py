@@ -40,7 +40,7 @@ class PipelineConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="KV slots per stage (sequences decoded at once)")
     max_seq_len: int = Field(512, ge=2, le=1 << 20, description="longest prompt + completion, in tokens")
     prefill_chunk: int = Field(128, ge=1, description="prompts longer than this are prefilled in chunks")
-    tensor_parallel: int = Field(1, ge=1, le=16, description="GPUs per stage (DeepSpeed); 1 on CPU")
+    tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
     cpus_per_stage: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per stage; 0 = cores / stages")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -61,12 +61,6 @@ class RingpipeConfig(_Strict):
     model: ModelConfig
     pipeline: PipelineConfig = PipelineConfig()
     transport: TransportConfig = TransportConfig()
-
-    @model_validator(mode="after")
-    def _tp_needs_gpu(self) -> RingpipeConfig:
-        if self.pipeline.tensor_parallel > 1 and self.model.device != "cuda":
-            raise ValueError("pipeline.tensor_parallel > 1 needs model.device cuda")
-        return self
 
     def replica_spec(self) -> ReplicaSpec:
         p, t = self.pipeline, self.transport

@@ -22,8 +22,8 @@ from shards.stage import Stage
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class StageActor:
-    def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str) -> None:
-        self.stage = Stage(spec, plan, args, replica)
+    def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str, tp_rank: int = 0) -> None:
+        self.stage = Stage(spec, plan, args, replica, tp_rank)
 
     async def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()

@@ -24,6 +24,7 @@ from shards.partition import StagePlan, plan_stages
 from shards.sampling import SamplingParams
 from shards.scheduler import GenerationRequest
 from shards.spec import ReplicaSpec
+from shards.tp import check_divisible
 
 _counter = itertools.count()
 
@@ -52,19 +53,14 @@ def make_request(
 
 class Replica:
     def __init__(self, spec: ReplicaSpec, name: str | None = None) -> None:
-        if spec.tensor_parallel != 1 and spec.device != "cuda":
-            raise ShardsError("tensor_parallel > 1 needs device 'cuda'; on CPU a stage runs with tensor_parallel 1")
-        if spec.tensor_parallel != 1:
-            raise ShardsError(
-                "tensor_parallel > 1 (DeepSpeed AutoTP inside a stage) is not available in this release; "
-                "use more pipeline stages instead"
-            )
         self.spec = spec
         self.name = name or f"replica-{next(_counter)}"
         self.args = read_model_args(spec.model_dir)
         self.plans: list[StagePlan] = plan_stages(
             self.args, spec.stages, spec.max_batch, spec.max_seq_len, spec.torch_dtype
         )
+        if spec.tensor_parallel > 1:
+            check_divisible(self.args, spec.tensor_parallel)
         self.actors: list = []
         self._pg = None
 
@@ -75,19 +71,20 @@ class Replica:
     def start(self, timeout_s: float = 300.0) -> list[dict]:
         """Place, connect, load and start every stage; returns each stage's memory report."""
         spec = self.spec
-        bundle = {"CPU": spec.cpus_per_stage}
-        if spec.device == "cuda":
-            bundle["GPU"] = spec.tensor_parallel
-        self._pg = placement_group([dict(bundle) for _ in self.plans], strategy=spec.placement_strategy)
+        tp = spec.tensor_parallel
+        # one bundle (one process) per tensor-parallel rank of every stage: rank = stage * tp + t
+        bundle = {"CPU": spec.cpus_per_stage, **({"GPU": 1} if spec.device == "cuda" else {})}
+        ranks = [(plan, t) for plan in self.plans for t in range(tp)]
+        self._pg = placement_group([dict(bundle) for _ in ranks], strategy=spec.placement_strategy)
         ray.get(self._pg.ready(), timeout=timeout_s)
         self.actors = [
             StageActor.options(
                 num_cpus=spec.cpus_per_stage,
-                num_gpus=spec.tensor_parallel if spec.device == "cuda" else 0,
+                num_gpus=1 if spec.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-                name=f"{self.name}.stage-{i}-{uuid.uuid4().hex[:6]}",
-            ).remote(spec, plan, self.args, self.name)
-            for i, plan in enumerate(self.plans)
+                name=f"{self.name}.stage-{plan.index}.tp{t}-{uuid.uuid4().hex[:6]}",
+            ).remote(spec, plan, self.args, self.name, t)
+            for i, (plan, t) in enumerate(ranks)
         ]
         try:
             host, port = ray.get(self.head.rendezvous.remote(), timeout=timeout_s)
@@ -153,15 +150,15 @@ class Replica:
 
     def _diagnose(self, detail: str) -> str:
         pings = self.ping()
-        dead = [i for i, p in enumerate(pings) if p is None]
+        dead = sorted({i // self.spec.tensor_parallel for i, p in enumerate(pings) if p is None})
         if dead:
             names = ", ".join(f"stage {i} (layers {self.plans[i].layer_start}-{self.plans[i].layer_end - 1})" for i in dead)
             return f"replica {self.name} lost {names}: {detail}"
         return f"replica {self.name} failed: {detail}"
 
-    def kill_stage(self, index: int) -> None:
+    def kill_stage(self, index: int, tp_rank: int = 0) -> None:
         """Kill one stage actor (for failure tests and chaos)."""
-        ray.kill(self.actors[index], no_restart=True)
+        ray.kill(self.actors[index * self.spec.tensor_parallel + tp_rank], no_restart=True)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         refs = [a.shutdown.remote() for a in self.actors]

@@ -36,6 +36,7 @@ from shards.partition import StagePlan
 from shards.sampling import sample
 from shards.scheduler import GenerationRequest, MicroBatch, Scheduler, TokenEvent
 from shards.spec import ReplicaSpec
+from shards.tp import shard_stage
 from shards.transport import Header, Kind, PipeLink, open_rendezvous
 
 Sink = Callable[[TokenEvent | BaseException], None]
@@ -64,12 +65,16 @@ class _Stop:
 
 
 class Stage:
-    def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str) -> None:
+    def __init__(
+        self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str, tp_rank: int = 0
+    ) -> None:
         self.spec, self.plan, self.args, self.replica = spec, plan, args, replica
+        self.tp, self.tp_rank = spec.tensor_parallel, tp_rank
+        self.global_rank = plan.index * self.tp + tp_rank
         self.state = StageState.STARTING
         self.error: str | None = None
         self.device = torch.device("cuda" if spec.device == "cuda" else "cpu")
-        threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // spec.stages)
+        threads = spec.torch_threads or max(1, (os.cpu_count() or 1) // (spec.stages * self.tp))
         torch.set_num_threads(threads)
         self._store = None
         self._link: PipeLink | None = None
@@ -87,19 +92,20 @@ class Stage:
 
     @property
     def name(self) -> str:
-        return f"{self.replica}/stage-{self.plan.index}"
+        suffix = f".tp{self.tp_rank}" if self.tp > 1 else ""
+        return f"{self.replica}/stage-{self.plan.index}{suffix}"
 
     # -- setup
     def open_rendezvous(self, host: str) -> int:
-        self._store = open_rendezvous(host, self.spec.stages, self.spec.transport_timeout_s)
+        self._store = open_rendezvous(host, self.spec.stages * self.tp, self.spec.transport_timeout_s)
         return self._store.port
 
     def connect(self, host: str, port: int) -> None:
-        if self.spec.stages == 1:
+        if self.spec.stages * self.tp == 1:
             return
         self._link = PipeLink(
-            self.plan.index,
-            self.spec.stages,
+            self.global_rank,
+            self.spec.stages * self.tp,
             host,
             port,
             self.spec.backend,
@@ -107,6 +113,7 @@ class Stage:
             self.spec.max_batch,
             self.device,
             store=self._store,
+            tp=self.tp,
         )
 
     def load(self) -> dict:
@@ -117,9 +124,11 @@ class Stage:
             self.spec.model_dir, self.args, p.layer_start, p.layer_end, p.first, p.last,
             self.spec.torch_dtype, self.device,
         )
+        if self.tp > 1:
+            self.model = shard_stage(self.model, self.tp_rank, self.tp, self._link.tp_group)
         self.cache = StageCache(
             range(p.layer_start, p.layer_end), self.spec.max_batch, self.spec.max_seq_len,
-            self.args.num_kv_heads, self.args.head_dim, self.spec.torch_dtype, self.device,
+            self.args.num_kv_heads // self.tp, self.args.head_dim, self.spec.torch_dtype, self.device,
         )
         self.loaded_rss_bytes = psutil.Process().memory_info().rss - rss_before
         return self.memory()
@@ -134,15 +143,22 @@ class Stage:
             "loaded_rss_bytes": self.loaded_rss_bytes,
         }
 
+    @property
+    def is_head(self) -> bool:
+        return self.plan.first and self.tp_rank == 0
+
     def start(self) -> None:
-        loop = self._head_loop if self.plan.first else self._relay_loop
+        if self.tp_rank > 0:
+            loop = self._follower_loop
+        else:
+            loop = self._head_loop if self.plan.first else self._relay_loop
         self._thread = threading.Thread(target=self._run, args=(loop,), name=self.name, daemon=True)
         self.state = StageState.SERVING
         self._thread.start()
 
     # -- requests (head only)
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        if not self.plan.first:
+        if not self.is_head:
             raise ShardsError(f"{self.name} is not the head stage")
         if self.state is not StageState.SERVING:
             raise ReplicaFailed(f"{self.name} is {self.state.value}: {self.error or 'not serving'}")
@@ -167,13 +183,13 @@ class Stage:
             "tokens_out": self.tokens_out,
             "running": len(s.running),
             "waiting": len(s.waiting),
-            "free_slots": s.slots.free if self.plan.first else None,
+            "free_slots": s.slots.free if self.is_head else None,
             "rss_bytes": psutil.Process().memory_info().rss,
             **self.memory(),
         }
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        if self.plan.first:
+        if self.is_head:
             self._inbox.put(_Stop())
         if self._thread and self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -190,7 +206,7 @@ class Stage:
         except Exception as exc:  # noqa: BLE001 — every failure ends the loop and is reported
             self.error = f"{self.name}: {exc}"
             self.state = StageState.FAILED
-            if self.plan.first:
+            if self.is_head:
                 self._fail_requests(ReplicaFailed(f"replica {self.replica} failed: {exc}"))
             if self._link:
                 self._link.close()
@@ -209,6 +225,8 @@ class Stage:
                 cmd.sink(error)
 
     def _forward(self, inputs: torch.Tensor, header: Header) -> torch.Tensor:
+        if self.tp > 1 and self.tp_rank == 0:
+            self._link.share(header, inputs)  # the stage's other ranks compute with us
         with torch.inference_mode():
             return self.model(
                 inputs.to(self.device), header.positions().to(self.device),
@@ -250,6 +268,7 @@ class Stage:
 
     def _head_loop(self) -> None:
         sched, link = self.scheduler, self._link
+        pipelined = self.spec.stages > 1
         last_traffic = time.monotonic()
         while True:
             wait_s = 0 if not sched.idle else self.spec.keepalive_s
@@ -259,8 +278,8 @@ class Stage:
                 cmd = None
             while cmd is not None:
                 if not self._handle(cmd):
+                    self._pass_on(Header(Kind.STOP, -1, 0))
                     if link:
-                        link.send_forward(Header(Kind.STOP, -1, 0), None)
                         link.flush()
                     return
                 try:
@@ -271,22 +290,30 @@ class Stage:
             while (mb := sched.next_microbatch()) is not None:
                 self._step_head(mb)
                 sent = True
-                if link is None:
+                if not pipelined:
                     break  # one stage: its result is already in, so take new requests between steps
-            if sched.in_flight and link:
+            if sched.in_flight and pipelined:
                 mb_id, tokens = link.recv_result()
                 self._deliver(sched.on_result(mb_id, tokens))
                 last_traffic = time.monotonic()
             elif link and not sent and time.monotonic() - last_traffic >= self.spec.keepalive_s:
                 # idle: prove the pipeline is whole, so a dead peer is found now, not at the next request
-                link.send_forward(Header(Kind.NOOP, -1, 0), None)
-                link.recv_result()
+                self._pass_on(Header(Kind.NOOP, -1, 0))
+                if pipelined:
+                    link.recv_result()
                 last_traffic = time.monotonic()
+
+    def _pass_on(self, header: Header) -> None:
+        """A control header (NOOP, STOP) to this stage's other ranks and down the pipeline."""
+        if self.tp > 1:
+            self._link.share(header, None)
+        if self._link and not self.plan.last:
+            self._link.send_forward(header, None)
 
     def _step_head(self, mb: MicroBatch) -> None:
         out = self._forward(torch.tensor(mb.input_ids, dtype=torch.int64), mb.header)
         self.steps += 1
-        if self._link is None:  # single stage: sample here
+        if self.spec.stages == 1:  # single stage: sample here
             self._deliver(self.scheduler.on_result(mb.mb_id, self._sample(out, mb.header)))
         else:
             self._link.send_forward(mb.header, out)
@@ -296,15 +323,13 @@ class Stage:
         while True:
             header, payload = link.recv_forward(self.args.hidden_size, self.spec.torch_dtype)
             if header.kind == Kind.STOP:
-                if not last:
-                    link.send_forward(header, None)
+                self._pass_on(header)
                 link.flush()
                 return
             if header.kind == Kind.NOOP:
+                self._pass_on(header)
                 if last:
                     link.send_result(header.mb_id, [])
-                else:
-                    link.send_forward(header, None)
                 continue
             out = self._forward(payload, header)
             self.steps += 1
@@ -312,3 +337,14 @@ class Stage:
                 link.send_result(header.mb_id, self._sample(out, header))
             else:
                 link.send_forward(header, out)
+
+    def _follower_loop(self) -> None:
+        """A tensor-parallel rank > 0: compute whatever the stage's leader shares, send nothing."""
+        link = self._link
+        while True:
+            header, inputs = link.receive_shared(self.args.hidden_size, self.spec.torch_dtype, self.plan.first)
+            if header.kind == Kind.STOP:
+                return
+            if header.kind == Kind.DATA:
+                self._forward(inputs, header)
+                self.steps += 1

@@ -136,8 +136,13 @@ class PipeLink:
         max_batch: int,
         device: torch.device,
         store: dist.TCPStore | None = None,
+        tp: int = 1,
     ) -> None:
+        # ranks: stage s, tensor-parallel rank t -> s * tp + t; stage leaders (t = 0)
+        # carry the pipeline traffic, so neighbours are `tp` ranks apart
         self.rank, self.world_size, self.max_batch, self.device = rank, world_size, max_batch, device
+        self.stride = tp
+        self.leader = rank - rank % tp
         self.timeout_s = timeout_s
         iface = interface_for(host)
         if backend == "gloo" and iface:
@@ -153,6 +158,12 @@ class PipeLink:
         self._store = store
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self._header_len = Header.size(max_batch)
+        self.tp_group = None
+        if tp > 1:  # every rank creates every stage's group, in the same order
+            for first in range(0, world_size, tp):
+                group = dist.new_group(list(range(first, first + tp)))
+                if first == self.leader:
+                    self.tp_group = group
 
     # -- sending (non-blocking; tensors are kept alive until their send completes)
     def _isend(self, tensor: torch.Tensor, dst: int) -> None:
@@ -187,14 +198,36 @@ class PipeLink:
         self._wait(work, f"receive from stage {src}")
         return buf
 
+    # -- within a stage: the leader shares each micro-batch with its tensor-parallel ranks
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device).contiguous()
+        try:
+            work = dist.broadcast(tensor, src=self.leader, group=self.tp_group, async_op=True)
+        except Exception as exc:  # noqa: BLE001
+            raise TransportError(f"rank {self.rank}: broadcast in its stage failed: {exc}") from exc
+        self._wait(work, "broadcast in its stage")
+        return tensor
+
+    def share(self, header: Header, inputs: torch.Tensor | None) -> None:
+        self._broadcast(header.pack(self.max_batch))
+        if header.kind == Kind.DATA:
+            self._broadcast(inputs)
+
+    def receive_shared(self, hidden_size: int, dtype: torch.dtype, first: bool) -> tuple[Header, torch.Tensor | None]:
+        header = Header.unpack(self._broadcast(torch.empty(self._header_len, dtype=torch.int64)).cpu())
+        if header.kind != Kind.DATA:
+            return header, None
+        shape = (len(header.rows), header.seq_len) + (() if first else (hidden_size,))
+        return header, self._broadcast(torch.empty(shape, dtype=torch.int64 if first else dtype))
+
     def send_forward(self, header: Header, payload: torch.Tensor | None) -> None:
-        nxt = self.rank + 1
+        nxt = self.rank + self.stride
         self._isend(header.pack(self.max_batch), nxt)
         if payload is not None:
             self._isend(payload, nxt)
 
     def recv_forward(self, hidden_size: int, dtype: torch.dtype) -> tuple[Header, torch.Tensor | None]:
-        prev = self.rank - 1
+        prev = self.rank - self.stride
         header = Header.unpack(self._recv((self._header_len,), torch.int64, prev).cpu())
         if header.kind != Kind.DATA:
             return header, None
@@ -205,7 +238,8 @@ class PipeLink:
         self._isend(pack_result(mb_id, tokens, self.max_batch), 0)
 
     def recv_result(self) -> tuple[int, list[int]]:
-        return unpack_result(self._recv((2 + self.max_batch,), torch.int64, self.world_size - 1).cpu())
+        last = self.world_size - self.stride
+        return unpack_result(self._recv((2 + self.max_batch,), torch.int64, last).cpu())
 
     def flush(self) -> None:
         for work, _ in self._pending:

@@ -38,8 +38,6 @@ def test_bad_value_names_its_key(section, key, value):
 def test_cross_field_rules_name_the_section():
     with pytest.raises(ConfigError, match="keepalive_s"):
         parse_config({**BASE, "transport": {"timeout_s": 1, "keepalive_s": 2}})
-    with pytest.raises(ConfigError, match="tensor_parallel"):
-        parse_config({**BASE, "pipeline": {"tensor_parallel": 2}})
     with pytest.raises(ConfigError, match="float16"):
         parse_config({"model": {"path": "x", "dtype": "float16"}})
     with pytest.raises(ConfigError, match="'model'"):

@@ -280,3 +280,30 @@ def test_bfloat16_replica(ray_cluster, checkpoints):
         assert replica.stats()[0]["weight_bytes"] == replica.plans[0].params * 2
     finally:
         replica.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "glm", "qwen2"])
+def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arch):
+    """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU) give transformers' tokens."""
+    expected = hf_greedy(checkpoints[arch], tuple(PROMPTS[0]), NEW_TOKENS)
+    replica = start_replica(checkpoints[arch], 2, tensor_parallel=2)
+    try:
+        assert len(replica.actors) == 4
+        assert replica.generate(make_request(PROMPTS[0], NEW_TOKENS)).token_ids == expected
+        follower = replica.stats()[1]
+        assert follower["steps"] > 0  # the second rank really computed
+        assert follower["weight_bytes"] < replica.plans[0].weight_bytes  # and holds a slice
+    finally:
+        replica.shutdown()
+
+
+def test_dead_tensor_parallel_rank_fails_the_replica(ray_cluster, checkpoints):
+    replica = start_replica(checkpoints["llama"], 1, tensor_parallel=2)
+    try:
+        assert replica.generate(make_request([1, 2, 3], 4)).finish_reason == "length"
+        replica.kill_stage(0, tp_rank=1)
+        wait_for(lambda: replica.ping(timeout_s=1)[0]["state"] == "failed", 60, "the head to notice")
+        with pytest.raises(ReplicaFailed, match="stage 0"):
+            replica.generate(make_request([1, 2, 3], 4))
+    finally:
+        replica.shutdown()
