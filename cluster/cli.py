@@ -24,7 +24,7 @@ EXAMPLES = """examples:
   ringpipe model demo models/demo
   ringpipe run --model models/demo --stages 2 --prompt "The list type" --max-new-tokens 40
   ringpipe model create /tmp/tiny --arch qwen2 --layers 5 --hidden 128
-  ringpipe run --model /tmp/tiny --stages 3 --prompt-ids 1,2,3 --max-new-tokens 8 --json
+  ringpipe run --model /tmp/tiny --stages 3 --tensor-parallel 2 --prompt-ids 1,2,3 --max-new-tokens 8 --json
 """
 
 
@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens")
     run.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    run.add_argument("--tensor-parallel", type=_positive, default=None, help="processes (GPUs) per stage")
     run.add_argument("--max-batch", type=_positive, default=None, help="KV slots per stage")
     run.add_argument("--max-seq-len", type=_positive, default=None)
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -136,7 +137,7 @@ def _run_config(args: argparse.Namespace) -> RingpipeConfig:
     for key in ("dtype", "device"):
         if getattr(args, key):
             overrides["model"][key] = getattr(args, key)
-    for key in ("stages", "max_batch", "max_seq_len"):
+    for key in ("stages", "tensor_parallel", "max_batch", "max_seq_len"):
         if getattr(args, key):
             overrides["pipeline"][key] = getattr(args, key)
     if args.config:
