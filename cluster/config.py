@@ -40,6 +40,7 @@ class PipelineConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="KV slots per stage (sequences decoded at once)")
     max_seq_len: int = Field(512, ge=2, le=1 << 20, description="longest prompt + completion, in tokens")
     prefill_chunk: int = Field(128, ge=1, description="prompts longer than this are prefilled in chunks")
+    prefix_cache: bool = Field(True, description="reuse a finished sequence's KV for a prompt extending it")
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
     cpus_per_stage: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per stage; 0 = cores / stages")
@@ -70,6 +71,7 @@ class RingpipeConfig(_Strict):
             max_batch=p.max_batch,
             max_seq_len=p.max_seq_len,
             prefill_chunk=p.prefill_chunk,
+            prefix_cache=p.prefix_cache,
             dtype=self.model.dtype,
             device=self.model.device,
             tensor_parallel=p.tensor_parallel,

@@ -15,7 +15,7 @@ or masks (beyond its length).
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from shards.errors import RequestError
@@ -75,6 +75,7 @@ class Scheduler:
     prefill_chunk: int
     n_stages: int
     vocab_size: int
+    prefix_cache: bool = False
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[str, Sequence] = field(default_factory=dict)
     in_flight: deque[MicroBatch] = field(default_factory=deque)
@@ -82,6 +83,15 @@ class Scheduler:
     def __post_init__(self) -> None:
         self.slots = SlotAllocator(self.n_slots)
         self._ids = itertools.count()
+        # prefix cache: slots of finished sequences, least recently used first, with the
+        # tokens whose keys/values they still hold; evicted when a slot is needed
+        self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+        self.reused_tokens = 0
+
+    @property
+    def free_slots(self) -> int:
+        """Slots a new request can take now (free, or holding an evictable cached prefix)."""
+        return self.slots.free + len(self.cached)
 
     # -- intake
     def validate(self, request: GenerationRequest) -> None:
@@ -124,11 +134,40 @@ class Scheduler:
         return TokenEvent(request_id, None, "cancelled")
 
     def _admit(self) -> None:
-        while self.waiting and self.slots.free:
+        while self.waiting and self.free_slots:
             req = self.waiting.popleft()
-            slot = self.slots.acquire()
-            assert slot is not None
-            self.running[req.request_id] = Sequence(req, slot, list(req.prompt))
+            slot, reuse = self._best_prefix(req.prompt)
+            if slot is not None:
+                del self.cached[slot]
+            else:
+                slot = self.slots.acquire()
+                if slot is None:  # evict the least recently used cached prefix
+                    slot, _ = self.cached.popitem(last=False)
+            seq = Sequence(req, slot, list(req.prompt), prefill_sent=reuse)
+            self.reused_tokens += reuse
+            self.running[req.request_id] = seq
+
+    def _best_prefix(self, prompt: tuple[int, ...]) -> tuple[int | None, int]:
+        """The cached slot sharing the longest prefix with `prompt`, and how many tokens it saves.
+
+        At least the prompt's last token is always prefilled: its logits give the first new token.
+        """
+        best, best_len = None, 0
+        for slot, tokens in self.cached.items():
+            n = 0
+            limit = min(len(tokens), len(prompt) - 1)
+            while n < limit and tokens[n] == prompt[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        return best, best_len
+
+    def _finish(self, seq: Sequence) -> None:
+        if self.prefix_cache:
+            # keys/values exist for every token fed so far: all but the last sampled one
+            self.cached[seq.slot] = tuple(seq.tokens[:-1])
+        else:
+            self.slots.release(seq.slot)
 
     # -- forming micro-batches
     @property
@@ -204,7 +243,7 @@ class Scheduler:
             events.append(TokenEvent(rid, token, reason))
             if reason:
                 del self.running[rid]
-                self.slots.release(seq.slot)
+                self._finish(seq)
         return events
 
     def fail_all(self) -> list[str]:
@@ -212,6 +251,9 @@ class Scheduler:
         ids = [r.request_id for r in self.waiting] + list(self.running)
         for seq in self.running.values():
             self.slots.release(seq.slot)
+        for slot in self.cached:
+            self.slots.release(slot)
+        self.cached.clear()
         self.waiting.clear()
         self.running.clear()
         self.in_flight.clear()

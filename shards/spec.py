@@ -16,6 +16,7 @@ class ReplicaSpec:
     max_batch: int = 8  # KV slots per stage = sequences decoded at once
     max_seq_len: int = 512
     prefill_chunk: int = 128
+    prefix_cache: bool = True  # finished sequences keep their slot's KV for prompts that extend them
     dtype: str = "float32"
     device: str = "cpu"  # "cpu" or "cuda"
     tensor_parallel: int = 1

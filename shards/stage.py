@@ -84,7 +84,8 @@ class Stage:
         self._sinks: dict[str, Sink] = {}
         self._thread: threading.Thread | None = None
         self.scheduler = Scheduler(
-            spec.max_batch, spec.max_seq_len, spec.prefill_chunk, spec.stages, args.vocab_size
+            spec.max_batch, spec.max_seq_len, spec.prefill_chunk, spec.stages, args.vocab_size,
+            prefix_cache=spec.prefix_cache,
         )
         self.steps = 0
         self.tokens_out = 0
@@ -183,7 +184,9 @@ class Stage:
             "tokens_out": self.tokens_out,
             "running": len(s.running),
             "waiting": len(s.waiting),
-            "free_slots": s.slots.free if self.is_head else None,
+            "free_slots": s.free_slots if self.is_head else None,
+            "cached_prefixes": len(s.cached),
+            "reused_tokens": s.reused_tokens,
             "rss_bytes": psutil.Process().memory_info().rss,
             **self.memory(),
         }

@@ -307,3 +307,22 @@ def test_dead_tensor_parallel_rank_fails_the_replica(ray_cluster, checkpoints):
             replica.generate(make_request([1, 2, 3], 4))
     finally:
         replica.shutdown()
+
+
+def test_prefix_reuse_gives_the_same_tokens(ray_cluster, checkpoints):
+    """A follow-up turn reuses the finished turn's KV and still matches transformers (and no-reuse)."""
+    model_dir = checkpoints["glm"]
+    turn1 = hf_greedy(model_dir, tuple(PROMPTS[0]), 8)
+    follow_up = [*PROMPTS[0], *turn1, 11, 12, 13]
+    expected = hf_greedy(model_dir, tuple(follow_up), 12)
+    outputs = {}
+    for cache in (True, False):
+        replica = start_replica(model_dir, 2, prefix_cache=cache)
+        try:
+            assert replica.generate(make_request(PROMPTS[0], 8)).token_ids == turn1
+            outputs[cache] = replica.generate(make_request(follow_up, 12)).token_ids
+            reused = replica.stats()[0]["reused_tokens"]
+            assert reused == (len(PROMPTS[0]) + 7 if cache else 0)
+        finally:
+            replica.shutdown()
+    assert outputs[True] == outputs[False] == expected

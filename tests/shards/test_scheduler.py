@@ -173,3 +173,35 @@ def test_duplicate_request_id_is_refused():
     with pytest.raises(RequestError) as err:
         sched.submit(request("a", 2, 3))
     assert err.value.field == "request_id"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_slots=st.integers(1, 4),
+    n_stages=st.integers(1, 3),
+    reqs=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 20)), min_size=1, max_size=8),
+)
+def test_prefix_cache_keeps_tokens_and_slots(n_slots, n_stages, reqs):
+    """With prefix reuse the same tokens come out and every slot is reusable at the end."""
+    sched = Scheduler(n_slots, 64, 4, n_stages, vocab_size=1000, prefix_cache=True)
+    arrivals: dict[int, list[GenerationRequest]] = {}
+    for i, (plen, new, at) in enumerate(reqs):
+        arrivals.setdefault(at, []).append(request(f"r{i}", plen, new))  # prompts share prefixes 1..n
+    out, reasons, _ = drive(sched, arrivals)
+    for i, (plen, new, _) in enumerate(reqs):
+        assert out[f"r{i}"] == [fake_token(f"r{i}", plen + k) for k in range(new)]
+    assert sched.free_slots == n_slots
+
+
+def test_prefix_reuse_skips_the_shared_prefix():
+    sched = Scheduler(2, 64, 100, 1, vocab_size=100, prefix_cache=True)
+    sched.submit(request("a", 6, 3))  # prompt 1..6, then 3 tokens
+    out, _, _ = drive(sched, {})
+    first = [1, 2, 3, 4, 5, 6, *out["a"]]
+    follow_up = GenerationRequest("b", tuple(first + [40, 41]), 2)
+    sched.submit(follow_up)
+    mb = sched.next_microbatch()
+    # everything fed to "a" (all but its last sampled token) is reused
+    assert mb.header.rows[0].start == len(first) - 1
+    assert mb.input_ids == [first[-1:] + [40, 41]]
+    assert sched.reused_tokens == len(first) - 1
