@@ -12,7 +12,7 @@ PROMPT ?= The list type
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean protos
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Regenerate the gRPC stubs under protos/ringpipe/ from protos/ringpipe/v1/*.proto
+# (needs grpcio-tools in the venv). Commit the result; tests/protos checks it is fresh.
+protos: $(STAMP)
+	$(PY) -m protos.generate
 
 clean:
 	rm -rf $(VENV) .pytest_cache
