@@ -9,6 +9,8 @@ slot, so no stage needs to know which request a slot belongs to.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -19,27 +21,40 @@ def kv_bytes(
     return 2 * n_layers * n_slots * kv_heads * max_seq_len * head_dim * element
 
 
+@dataclass(frozen=True)
+class SlotBatch:
+    """The slots of a batch's rows, and how to read them: a slice when they are consecutive
+    (the common decode case: a view, no copy of the cache), else an index tensor.
+    Built once per forward, not once per layer."""
+
+    ids: torch.Tensor  # [B]
+    read: slice | torch.Tensor
+
+    @staticmethod
+    def of(slots: torch.Tensor) -> SlotBatch:
+        first, n = int(slots[0]), slots.numel()
+        consecutive = bool((slots == torch.arange(first, first + n, device=slots.device)).all())
+        return SlotBatch(slots, slice(first, first + n) if consecutive else slots)
+
+
 class LayerCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v  # [n_slots, kv_heads, max_seq_len, head_dim]
 
     def update(
         self,
-        slots: torch.Tensor,  # [B]
+        slots: SlotBatch | torch.Tensor,  # [B]
         positions: torch.Tensor,  # [B, T]
         k: torch.Tensor,  # [B, kv_heads, T, head_dim]
         v: torch.Tensor,
         length: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v at (slot, position) and return each row's keys/values [B, kv_heads, length, head_dim]."""
-        rows = slots[:, None]
+        batch = slots if isinstance(slots, SlotBatch) else SlotBatch.of(slots)
+        rows = batch.ids[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
-        first, n = int(slots[0]), slots.numel()
-        if bool((slots == torch.arange(first, first + n, device=slots.device)).all()):
-            # consecutive slots (the common decode case): a view, no copy of the cache
-            return self.k[first : first + n, :, :length], self.v[first : first + n, :, :length]
-        return self.k[slots, :, :length], self.v[slots, :, :length]
+        return self.k[batch.read, :, :length], self.v[batch.read, :, :length]
 
 
 class StageCache:

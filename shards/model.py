@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.kv import LayerCache, StageCache
+from shards.kv import LayerCache, SlotBatch, StageCache
 
 Device = torch.device | str | None
 
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, T, hidden]
         rope: tuple[torch.Tensor, torch.Tensor],
         positions: torch.Tensor,  # [B, T]
-        slots: torch.Tensor,  # [B]
+        slots: SlotBatch | None,  # the rows' KV slots
         mask: torch.Tensor,  # [B, 1, T, L] bool, True = may attend
         cache: LayerCache | None,
     ) -> torch.Tensor:
@@ -261,8 +261,9 @@ class StageModel(nn.Module):
         length = int(positions.max()) + 1
         mask = attention_mask(positions, length, self.args.sliding_window)
         rope = rope_cos_sin(self.inv_freq, positions, self.args.rope_interleaved, x.dtype)
+        batch = SlotBatch.of(slots) if cache is not None else None
         for i, layer in self.layers.items():
-            x = layer(x, rope, positions, slots, mask, cache.layer(int(i)) if cache else None)
+            x = layer(x, rope, positions, batch, mask, cache.layer(int(i)) if cache else None)
         if not self.last:
             return x
         if logits_for_last_only:
