@@ -1,8 +1,11 @@
 """The `ringpipe` command line.
 
+    ringpipe serve [--config FILE]             the service: replicas, coordinators, gRPC
+    ringpipe generate TEXT [--stream] ...      one request to a running service
+    ringpipe status [--json]                   membership and load of a running service
     ringpipe model create DIR --arch llama     a random-weight checkpoint in HF layout
     ringpipe model demo DIR                    the small demo model, trained here
-    ringpipe run --model DIR --stages 2 ...    generate through one pipeline replica
+    ringpipe run --model DIR --stages 2 ...    generate through one pipeline replica, no service
 
 Errors print one line to stderr and exit non-zero; they never print a traceback
 for a mistake the user can fix.
@@ -18,9 +21,20 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.config import ConfigError, RingpipeConfig, load_config, parse_config
+from cluster.config import (
+    LOCAL_DEFAULTS,
+    ConfigError,
+    RingpipeConfig,
+    load_config,
+    merge,
+    parse_config,
+)
 
 EXAMPLES = """examples:
+  ringpipe serve                                   # demo model, 2 replicas x 2 stages, 127.0.0.1:50051
+  ringpipe generate "The list type" --stream
+  ringpipe status
+  ringpipe serve --config configs/serve.yaml --address auto
   ringpipe model demo models/demo
   ringpipe run --model models/demo --stages 2 --prompt "The list type" --max-new-tokens 40
   ringpipe model create /tmp/tiny --arch qwen2 --layers 5 --hidden 128
@@ -74,6 +88,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir", type=Path, help="checkpoint directory (built if missing)")
     demo.add_argument("--steps", type=_positive, default=None, help="training steps (default: the full schedule)")
+
+    serve = sub.add_parser(
+        "serve",
+        help="start the service: pipeline replicas, coordinators and the gRPC endpoint",
+        description="Start (or join, via RAY_ADDRESS / --address) a Ray cluster and serve the model over gRPC. "
+        "With no --config: the demo model (trained on first use), 2 replicas x 2 stages, local Ray on "
+        "127.0.0.1, gRPC on 127.0.0.1:50051. Ctrl-C stops everything it started.",
+    )
+    serve.add_argument("--config", type=Path, help="YAML service config (see configs/local.yaml, configs/serve.yaml)")
+    serve.add_argument("--model", type=Path, help="checkpoint directory (overrides model.path)")
+    serve.add_argument("--replicas", type=_positive, default=None, help="pipeline replicas (replicas.count)")
+    serve.add_argument("--stages", type=_positive, default=None, help="stages per replica (pipeline.stages)")
+    serve.add_argument("--port", type=_positive, default=None, help="gRPC port (server.port)")
+    serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+
+    def client_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
+        p.add_argument("--json", action="store_true", help="the last line of stdout is one JSON object")
+
+    generate = sub.add_parser(
+        "generate",
+        help="send one request to a running service",
+        description="Generate from TEXT (or --prompt-ids) on a running ringpipe service. Greedy unless "
+        "--temperature > 0. Sends $RINGPIPE_TOKEN as the bearer token when set. A failed call prints the "
+        "gRPC status and exits 1.",
+    )
+    generate.add_argument("text", nargs="?", help="prompt text")
+    generate.add_argument("--prompt-ids", type=_token_ids, help="prompt as token ids: 1,2,3")
+    generate.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    generate.add_argument("--session", help="session id: a conversation's turns go to the same replica")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=None, help="0 or unset = greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    client_flags(generate)
+
+    status = sub.add_parser("status", help="membership, ring shares, load and KV slots of a running service")
+    client_flags(status)
 
     run = sub.add_parser(
         "run",
@@ -239,6 +294,50 @@ def cmd_run(args: argparse.Namespace) -> int:
             ray.shutdown()
 
 
+def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
+    overrides: dict = {"model": {}, "pipeline": {}, "replicas": {}, "server": {}}
+    if args.model:
+        overrides["model"] = {"path": str(args.model), "demo": False}
+    if args.stages:
+        overrides["pipeline"]["stages"] = args.stages
+    if args.replicas:
+        overrides["replicas"]["count"] = args.replicas
+    if args.port:
+        overrides["server"]["port"] = args.port
+    if args.config:
+        return load_config(args.config, overrides)
+    return parse_config(merge(LOCAL_DEFAULTS, overrides), "built-in local config")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from cluster.serve import start_service
+
+    cfg = _serve_config(args)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    with _spinner("starting replicas and coordinators"):
+        service = start_service(cfg, args.address)
+    try:
+        p = cfg.pipeline
+        print(
+            f"ringpipe serving {cfg.model.directory} on {service.target} (gRPC) — {cfg.replicas.count} replicas "
+            f"x {p.stages} stages, {cfg.server.coordinators} coordinators, {service.mode} Ray; "
+            f"ready in {time.monotonic() - started:.0f}s",
+            flush=True,
+        )
+        print(f'try:  ringpipe generate "The list type" --stream --target {service.target}', flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down…", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        service.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from shards.errors import ShardsError
@@ -246,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "model":
             return cmd_model_create(args) if args.model_command == "create" else cmd_model_demo(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command in ("generate", "status"):
+            from cluster.call import cmd_generate, cmd_status
+
+            return cmd_generate(args) if args.command == "generate" else cmd_status(args)
         return cmd_run(args)
     except (ConfigError, ShardsError) as exc:
         return _fail(str(exc))

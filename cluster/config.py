@@ -6,6 +6,7 @@ ever sees the plain immutable objects these models turn into (`ReplicaSpec`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,22 +24,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def demo_model_dir() -> Path:
+    """Where the demo model is built on first use: $XDG_CACHE_HOME/ringpipe/demo (~/.cache/...)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ringpipe" / "demo"
+
+
 class ModelConfig(_Strict):
-    path: str = Field(description="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
+    path: str | None = Field(
+        None, description="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)"
+    )
+    demo: bool = Field(False, description="serve the demo model, trained into `path` (or the cache) on first use")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
-    def _half_needs_gpu(self) -> ModelConfig:
+    def _check(self) -> ModelConfig:
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError("dtype float16 needs device cuda; on cpu use float32 or bfloat16")
+        if self.path is None and not self.demo:
+            raise ValueError("set model.path to a checkpoint directory (or model.demo: true)")
         return self
+
+    @property
+    def directory(self) -> str:
+        return self.path if self.path is not None else str(demo_model_dir())
 
 
 class PipelineConfig(_Strict):
     stages: int = Field(2, ge=1, le=64, description="pipeline stages per replica")
     max_batch: int = Field(8, ge=1, le=1024, description="KV slots per stage (sequences decoded at once)")
     max_seq_len: int = Field(512, ge=2, le=1 << 20, description="longest prompt + completion, in tokens")
+    max_queue: int = Field(16, ge=0, description="requests waiting for a slot per replica; more are refused")
     prefill_chunk: int = Field(128, ge=1, description="prompts longer than this are prefilled in chunks")
     prefix_cache: bool = Field(True, description="reuse a finished sequence's KV for a prompt extending it")
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
@@ -58,18 +75,74 @@ class TransportConfig(_Strict):
         return self
 
 
+class ReplicasConfig(_Strict):
+    count: int = Field(2, ge=1, le=1024, description="pipeline replicas on the hash ring")
+
+
+class RoutingConfig(_Strict):
+    key: Literal["session", "prefix", "random"] = Field(
+        "session", description="session id (else prompt prefix), prompt prefix only, or random"
+    )
+    prefix_tokens: int = Field(32, ge=1, description="prompt tokens hashed when there is no session id")
+    load_factor: float = Field(1.25, ge=1.0, description="bounded loads: no replica above c × the mean load")
+    vnodes: int = Field(128, ge=1, le=4096, description="points per replica on the hash ring")
+
+
+class AuthConfig(_Strict):
+    token_env: str | None = Field(None, description="environment variable holding the bearer token")
+    token_file: str | None = Field(None, description="file holding the bearer token")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthConfig:
+        if self.token_env and self.token_file:
+            raise ValueError("set token_env or token_file, not both")
+        return self
+
+    def token(self) -> str | None:
+        """The secret, read where the config says; None when auth is off."""
+        if self.token_env:
+            value = os.environ.get(self.token_env, "").strip()
+            if not value:
+                raise ValueError(f"environment variable {self.token_env} is empty or unset")
+            return value
+        if self.token_file:
+            try:
+                value = Path(self.token_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read {self.token_file}: {exc.strerror}") from None
+            if not value:
+                raise ValueError(f"{self.token_file} is empty")
+            return value
+        return None
+
+
+class ServerConfig(_Strict):
+    port: int = Field(50051, ge=1, le=65535, description="gRPC port of Serve's proxy")
+    http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy port (Serve always opens one)")
+    coordinators: int = Field(2, ge=1, le=256, description="coordinator replicas (Serve deployment)")
+    max_ongoing_requests: int = Field(1024, ge=1, description="calls one coordinator replica takes at once")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages are refused")
+    max_new_tokens: int | None = Field(None, ge=1, description="the most a request may ask for; default max_seq_len")
+    request_timeout_s: float | None = Field(None, gt=0, description="Serve's end-to-end limit per call")
+    auth: AuthConfig = AuthConfig()
+
+
 class RingpipeConfig(_Strict):
     model: ModelConfig
     pipeline: PipelineConfig = PipelineConfig()
     transport: TransportConfig = TransportConfig()
+    replicas: ReplicasConfig = ReplicasConfig()
+    routing: RoutingConfig = RoutingConfig()
+    server: ServerConfig = ServerConfig()
 
     def replica_spec(self) -> ReplicaSpec:
         p, t = self.pipeline, self.transport
         return ReplicaSpec(
-            model_dir=self.model.path,
+            model_dir=self.model.directory,
             stages=p.stages,
             max_batch=p.max_batch,
             max_seq_len=p.max_seq_len,
+            max_queue=p.max_queue,
             prefill_chunk=p.prefill_chunk,
             prefix_cache=p.prefix_cache,
             dtype=self.model.dtype,
@@ -81,6 +154,24 @@ class RingpipeConfig(_Strict):
             keepalive_s=t.keepalive_s,
             placement_strategy=p.placement_strategy,
         )
+
+
+# `ringpipe serve` with no --config; configs/local.yaml spells out the same
+LOCAL_DEFAULTS: dict = {
+    "model": {"demo": True},
+    "pipeline": {"stages": 2, "max_batch": 8, "max_seq_len": 512},
+    "replicas": {"count": 2},
+    "server": {"port": 50051, "coordinators": 2},
+}
+
+
+def auth_token(cfg: RingpipeConfig) -> str | None:
+    """The configured bearer token; a ConfigError naming the key when it cannot be read."""
+    try:
+        return cfg.server.auth.token()
+    except ValueError as exc:
+        key = "token_env" if cfg.server.auth.token_env else "token_file"
+        raise ConfigError(f"config key 'server.auth.{key}': {exc}") from None
 
 
 def _describe(exc: ValidationError, source: str) -> str:

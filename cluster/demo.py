@@ -36,11 +36,11 @@ from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from shards.checkpoint import hf_name, parse_config
-from shards.create import RandomModelSpec, hf_config, write_checkpoint
+from shards.create import RandomModelSpec, hf_config, train_byte_level_bpe, write_checkpoint
 from shards.model import ModelArgs, StageModel
 
 END_OF_TEXT = "<|endoftext|>"  # separates documents; the model's BOS, EOS and pad token
@@ -77,17 +77,7 @@ def corpus_documents() -> list[str]:
 
 def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE, GPT-2 style: no BOS is added, so a prompt reads as text to continue."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer)
-    return tokenizer
+    return train_byte_level_bpe(documents, vocab_size, (END_OF_TEXT,))
 
 
 def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:

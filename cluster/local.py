@@ -3,11 +3,21 @@
 Ray rewrites 127.0.0.1 to the machine's outward address unless
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before Ray is imported; the local
 mode sets it, so an embedded cluster listens on 127.0.0.1 only.
+
+Serve's gRPC proxy has no host option: it binds `[::]:port`, every interface.
+The local mode therefore gives its job a worker setup hook (`serve_on_loopback`)
+that rewrites that address to 127.0.0.1 in the proxy's process, through the
+function Serve names as its extension point for it (`default_impl.add_grpc_address`).
+The hook runs in every worker of the job, so it only arms an import hook: the
+patch happens if and when a worker imports that module (the proxy does).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 LOOPBACK = "127.0.0.1"
 
@@ -35,5 +45,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         _node_ip_address=LOOPBACK,
         log_to_driver=not quiet,
         configure_logging=not quiet,
+        runtime_env={"worker_process_setup_hook": "cluster.local.serve_on_loopback"},
     )
     return "local"
+
+
+_SERVE_IMPL = "ray.serve._private.default_impl"
+
+
+def _bind_grpc_to_loopback(module) -> None:
+    def add_grpc_address(server, address: str) -> None:
+        server.add_insecure_port(address.replace("[::]", LOOPBACK, 1))
+
+    module.add_grpc_address = add_grpc_address
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != _SERVE_IMPL:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run_module(module)
+            _bind_grpc_to_loopback(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def serve_on_loopback() -> None:
+    """Worker setup hook of the local cluster: Serve's gRPC proxy will listen on 127.0.0.1 only."""
+    if _SERVE_IMPL in sys.modules:
+        _bind_grpc_to_loopback(sys.modules[_SERVE_IMPL])
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())

@@ -52,7 +52,10 @@ class StageActor:
         await asyncio.to_thread(self.stage.shutdown)
 
     async def generate(self, request: GenerationRequest):
-        """Yields dicts {"tokens": [...], "finish_reason": str | None} until the request ends."""
+        """Yields dicts {"tokens": [...], "finish_reason": str | None} until the request ends.
+
+        The item with the first token also has "queued_s": how long the request waited for a slot.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         self.stage.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -62,7 +65,7 @@ class StageActor:
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
-                tokens, reason = [], None
+                tokens, reason, extra = [], None, {}
                 for ev in batch:
                     if isinstance(ev, BaseException):
                         finished = True
@@ -71,8 +74,10 @@ class StageActor:
                     if ev.token is not None:
                         tokens.append(ev.token)
                     reason = ev.finish_reason or reason
+                    if ev.queued_s is not None:
+                        extra["queued_s"] = ev.queued_s
                 finished = reason is not None
-                yield {"tokens": tokens, "finish_reason": reason}
+                yield {"tokens": tokens, "finish_reason": reason, **extra}
         finally:
             if not finished:  # the caller went away: free the slot now
                 self.stage.cancel(request.request_id)

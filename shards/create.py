@@ -2,7 +2,9 @@
 
 Used by `ringpipe model create`, the tests and the benchmarks. Weights are drawn
 with a scale that keeps the network's outputs varied (greedy continuations of a
-random model with tiny weights repeat one token, which hides bugs).
+random model with tiny weights repeat one token, which hides bugs). With
+`tokenizer=True` the directory also gets a tokenizer.json: byte-level BPE
+trained on the pydoc topics, its special tokens at the ids config.json names.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from shards.checkpoint import SUPPORTED_ARCHS, hf_name, parse_config, stage_shapes
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos in hf_config
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,34 @@ def _readable(root: Path) -> Path:
     return root
 
 
+def train_byte_level_bpe(documents: list[str], vocab_size: int, special_tokens: tuple[str, ...]):
+    """Byte-level BPE, GPT-2 style (no BOS added); special tokens take the first ids, in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    return tokenizer
+
+
 def create_random_checkpoint(
-    directory: str | Path, spec: RandomModelSpec, max_shard_bytes: int | None = None
+    directory: str | Path, spec: RandomModelSpec, max_shard_bytes: int | None = None, tokenizer: bool = False
 ) -> Path:
     cfg = hf_config(spec)
-    return write_checkpoint(directory, cfg, random_tensors(cfg, spec.seed), max_shard_bytes)
+    root = write_checkpoint(directory, cfg, random_tensors(cfg, spec.seed), max_shard_bytes)
+    if tokenizer:
+        from pydoc_data.topics import topics
+
+        if spec.vocab < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"a byte-level tokenizer needs vocab ≥ {256 + len(SPECIAL_TOKENS)}, got {spec.vocab}")
+        bpe = train_byte_level_bpe([topics[k] for k in sorted(topics)], spec.vocab, SPECIAL_TOKENS)
+        bpe.save(str(root / "tokenizer.json"))
+        (root / "tokenizer.json").chmod(0o644)
+    return root

@@ -33,6 +33,13 @@ class RequestError(ShardsError, ValueError):
         return (type(self), (self.field, self.message))
 
 
+class Overloaded(ShardsError):
+    """The replica's queue is full: every KV slot is busy and `max_queue` requests already wait.
+
+    Nothing was started, so the request may go to another replica at once.
+    """
+
+
 class ReplicaFailed(ShardsError):
     """A pipeline replica lost a stage or its transport; its requests cannot finish there."""
 

@@ -15,6 +15,7 @@ or masks (beyond its length).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -35,11 +36,15 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """A token for a request, and/or its end (`finish_reason`: "stop", "length", "cancelled")."""
+    """A token for a request, and/or its end (`finish_reason`: "stop", "length", "cancelled").
+
+    The first token's event also says how long the request waited for a KV slot (`queued_s`).
+    """
 
     request_id: str
     token: int | None
     finish_reason: str | None = None
+    queued_s: float | None = None
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Sequence:
     prefill_sent: int = 0  # prompt tokens already sent for prefill
     generated: int = 0
     awaiting_token: bool = False  # a micro-batch that samples for it is in flight
+    queued_s: float = 0.0  # from submit to admission into a slot
 
     @property
     def prompt_len(self) -> int:
@@ -87,6 +93,7 @@ class Scheduler:
         # tokens whose keys/values they still hold; evicted when a slot is needed
         self.cached: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self.reused_tokens = 0
+        self._arrived: dict[str, float] = {}  # waiting request -> time.monotonic() at submit
 
     @property
     def free_slots(self) -> int:
@@ -123,11 +130,13 @@ class Scheduler:
         if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
             raise RequestError("request_id", f"{request.request_id!r} is already running")
         self.waiting.append(request)
+        self._arrived[request.request_id] = time.monotonic()
 
     def cancel(self, request_id: str) -> TokenEvent | None:
         for req in self.waiting:
             if req.request_id == request_id:
                 self.waiting.remove(req)
+                self._arrived.pop(request_id, None)
                 return TokenEvent(request_id, None, "cancelled")
         seq = self.running.pop(request_id, None)
         if seq is None:
@@ -146,6 +155,7 @@ class Scheduler:
                 if slot is None:  # evict the least recently used cached prefix
                     slot, _ = self.cached.popitem(last=False)
             seq = Sequence(req, slot, list(req.prompt), prefill_sent=reuse)
+            seq.queued_s = time.monotonic() - self._arrived.pop(req.request_id, time.monotonic())
             self.reused_tokens += reuse
             self.running[req.request_id] = seq
 
@@ -242,7 +252,7 @@ class Scheduler:
                 reason = "stop"
             elif seq.generated >= seq.request.max_new_tokens or len(seq.tokens) >= self.max_seq_len:
                 reason = "length"
-            events.append(TokenEvent(rid, token, reason))
+            events.append(TokenEvent(rid, token, reason, seq.queued_s if seq.generated == 1 else None))
             if reason:
                 del self.running[rid]
                 self._finish(seq)
@@ -257,6 +267,7 @@ class Scheduler:
             self.slots.release(slot)
         self.cached.clear()
         self.waiting.clear()
+        self._arrived.clear()
         self.running.clear()
         self.in_flight.clear()
         return ids

@@ -15,6 +15,7 @@ class ReplicaSpec:
     stages: int = 2
     max_batch: int = 8  # KV slots per stage = sequences decoded at once
     max_seq_len: int = 512
+    max_queue: int = 16  # requests waiting for a slot beyond max_batch; more are refused (Overloaded)
     prefill_chunk: int = 128
     prefix_cache: bool = True  # finished sequences keep their slot's KV for prompts that extend them
     dtype: str = "float32"

@@ -29,7 +29,7 @@ import psutil
 import torch
 
 from shards.checkpoint import load_stage
-from shards.errors import ReplicaFailed, RequestError, ShardsError
+from shards.errors import Overloaded, ReplicaFailed, RequestError, ShardsError
 from shards.kv import StageCache
 from shards.model import ModelArgs, StageModel
 from shards.partition import StagePlan
@@ -82,6 +82,10 @@ class Stage:
         self.cache: StageCache | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, Sink] = {}
+        # requests accepted and not yet finished, counted where they are accepted (the actor's
+        # threads) so that the bound holds before the step loop has seen them
+        self._outstanding: set[str] = set()
+        self._outstanding_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.scheduler = Scheduler(
             spec.max_batch, spec.max_seq_len, spec.prefill_chunk, spec.stages, args.vocab_size,
@@ -164,7 +168,28 @@ class Stage:
         if self.state is not StageState.SERVING:
             raise ReplicaFailed(f"{self.name} is {self.state.value}: {self.error or 'not serving'}")
         self.scheduler.validate(request)  # bad input fails here, before it touches the loop
-        self._inbox.put(_Submit(request, sink))
+        limit = self.spec.max_batch + self.spec.max_queue
+        with self._outstanding_lock:
+            if request.request_id in self._outstanding:
+                raise RequestError("request_id", f"{request.request_id!r} is already running")
+            if len(self._outstanding) >= limit:
+                raise Overloaded(
+                    f"replica {self.replica} is full: {self.spec.max_batch} requests generating "
+                    f"and {self.spec.max_queue} waiting (pipeline.max_batch + pipeline.max_queue)"
+                )
+            self._outstanding.add(request.request_id)
+        self._inbox.put(_Submit(request, self._counted(request.request_id, sink)))
+
+    def _counted(self, request_id: str, sink: Sink) -> Sink:
+        """Wraps a sink so that the request stops counting against the queue bound when it ends."""
+
+        def deliver(event: TokenEvent | BaseException) -> None:
+            if isinstance(event, BaseException) or event.finish_reason:
+                with self._outstanding_lock:
+                    self._outstanding.discard(request_id)
+            sink(event)
+
+        return deliver
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(_Cancel(request_id))
@@ -184,6 +209,7 @@ class Stage:
             "tokens_out": self.tokens_out,
             "running": len(s.running),
             "waiting": len(s.waiting),
+            "outstanding": len(self._outstanding),
             "free_slots": s.free_slots if self.is_head else None,
             "cached_prefixes": len(s.cached),
             "reused_tokens": s.reused_tokens,

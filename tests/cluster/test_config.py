@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.config import ConfigError, load_config, parse_config
+from cluster.config import ConfigError, load_config, merge, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = {"model": {"path": "/models/demo"}}
 
@@ -74,3 +78,46 @@ def test_shipped_configs_validate():
         if path.name.startswith("cluster"):
             continue  # Ray cluster-launcher configs, not ours
         load_config(path)
+
+
+def test_local_yaml_is_the_built_in_default():
+    from cluster.config import LOCAL_DEFAULTS, demo_model_dir
+
+    local = load_config(REPO / "configs" / "local.yaml")
+    assert local == parse_config(LOCAL_DEFAULTS)
+    assert local.model.directory == str(demo_model_dir())
+
+
+def test_serve_yaml_is_valid_and_needs_its_token(monkeypatch):
+    from cluster.config import auth_token
+
+    cfg = load_config(REPO / "configs" / "serve.yaml")
+    assert cfg.replicas.count == 4 and cfg.routing.key == "session"
+    monkeypatch.delenv("RINGPIPE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"server\.auth\.token_env.*RINGPIPE_TOKEN"):
+        auth_token(cfg)
+    monkeypatch.setenv("RINGPIPE_TOKEN", "abc")
+    assert auth_token(cfg) == "abc"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"routing": {"key": "sticky"}}, "routing.key"),
+        ({"routing": {"load_factor": 0.5}}, "routing.load_factor"),
+        ({"replicas": {"count": 0}}, "replicas.count"),
+        ({"server": {"port": 70000}}, "server.port"),
+        ({"server": {"auth": {"token_env": "A", "token_file": "/x"}}}, "server.auth"),
+        ({"server": {"max_request_bytes": 10}}, "server.max_request_bytes"),
+        ({"pipeline": {"max_queue": -1}}, "pipeline.max_queue"),
+        ({"server": {"colour": "red"}}, "server.colour"),
+    ],
+)
+def test_service_keys_are_validated_by_name(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        parse_config(merge({"model": {"demo": True}}, override))
+
+
+def test_model_needs_a_path_unless_demo():
+    with pytest.raises(ConfigError, match="config key 'model'.*model.path"):
+        parse_config({"model": {}})

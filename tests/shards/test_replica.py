@@ -7,11 +7,9 @@ in other company.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ from shards.errors import ReplicaFailed, RequestError
 from shards.replica import Replica, make_request
 from shards.sampling import SamplingParams
 from shards.spec import ReplicaSpec
+from tests.reference import hf_greedy, wait_for
 
 # (arch, overrides) chosen so greedy continuations are varied, not one token repeated
 MODELS = {
@@ -51,28 +50,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@functools.cache
-def hf_greedy(model_dir: Path, prompt: tuple[int, ...], n: int) -> list[int]:
-    """Greedy tokens from transformers' full forward pass, one step at a time.
-
-    (Not `generate(min_new_tokens=...)`: that masks EOS, which a plain greedy
-    decoder — ours — may rightly pick.)
-    """
-    model = _hf_model(model_dir)
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt) :]
-
-
-@functools.cache
-def _hf_model(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
 def start_replica(model_dir: Path, stages: int, **overrides) -> Replica:
     spec = ReplicaSpec(
         model_dir=str(model_dir), stages=stages, max_batch=4, max_seq_len=256, prefill_chunk=4, **overrides
@@ -80,14 +57,6 @@ def start_replica(model_dir: Path, stages: int, **overrides) -> Replica:
     replica = Replica(spec)
     replica.start()
     return replica
-
-
-def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3])

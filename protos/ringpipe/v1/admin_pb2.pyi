@@ -33,7 +33,7 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth")
+    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,9 @@ class ReplicaStatus(_message.Message):
     RING_SHARE_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: ReplicaState
     epoch: int
@@ -48,7 +51,10 @@ class ReplicaStatus(_message.Message):
     ring_share: float
     in_flight: int
     queue_depth: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    free_slots: int
+    total_slots: int
+    cached_prefixes: int
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., cached_prefixes: _Optional[int] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("index", "node_id", "address", "layer_start", "layer_end")

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bringpipe/v1/inference.proto\x12\x0bringpipe.v1\"\x91\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.ringpipe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.ringpipe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12#\n\x06resume\x18\t \x01(\x0b\x32\x13.ringpipe.v1.ResumeB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"$\n\x06Resume\x12\x1a\n\x12received_token_ids\x18\x01 \x03(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"-\n\x08ServedBy\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\";\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.ringpipe.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.ringpipe.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.ringpipe.v1.ServedBy\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.ringpipe.v1.Timings\"\x89\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.ringpipe.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.ringpipe.v1.Usage\x12(\n\tserved_by\x18\x07 \x01(\x0b\x32\x15.ringpipe.v1.ServedBy\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.ringpipe.v1.Timings*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.ringpipe.v1.GenerateRequest\x1a\x1d.ringpipe.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.ringpipe.v1.GenerateRequest\x1a#.ringpipe.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bringpipe/v1/inference.proto\x12\x0bringpipe.v1\"\xa5\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.ringpipe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.ringpipe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12#\n\x06resume\x18\t \x01(\x0b\x32\x13.ringpipe.v1.Resume\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x92\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"$\n\x06Resume\x12\x1a\n\x12received_token_ids\x18\x01 \x03(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"-\n\x08ServedBy\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\";\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.ringpipe.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.ringpipe.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.ringpipe.v1.ServedBy\x12%\n\x07timings\x18\x07 \x01(\x0b\x32\x14.ringpipe.v1.Timings\"\x89\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.ringpipe.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.ringpipe.v1.Usage\x12(\n\tserved_by\x18\x07 \x01(\x0b\x32\x15.ringpipe.v1.ServedBy\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.ringpipe.v1.Timings*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.ringpipe.v1.GenerateRequest\x1a\x1d.ringpipe.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.ringpipe.v1.GenerateRequest\x1a#.ringpipe.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ringpipe.v1.inference_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ringpipe.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1207
-  _globals['_FINISHREASON']._serialized_end=1331
+  _globals['_FINISHREASON']._serialized_start=1227
+  _globals['_FINISHREASON']._serialized_end=1351
   _globals['_GENERATEREQUEST']._serialized_start=45
-  _globals['_GENERATEREQUEST']._serialized_end=318
-  _globals['_TOKENIDS']._serialized_start=320
-  _globals['_TOKENIDS']._serialized_end=343
-  _globals['_SAMPLINGPARAMS']._serialized_start=346
-  _globals['_SAMPLINGPARAMS']._serialized_end=492
-  _globals['_RESUME']._serialized_start=494
-  _globals['_RESUME']._serialized_end=530
-  _globals['_USAGE']._serialized_start=532
-  _globals['_USAGE']._serialized_end=589
-  _globals['_SERVEDBY']._serialized_start=591
-  _globals['_SERVEDBY']._serialized_end=636
-  _globals['_TIMINGS']._serialized_start=638
-  _globals['_TIMINGS']._serialized_end=697
-  _globals['_GENERATERESPONSE']._serialized_start=700
-  _globals['_GENERATERESPONSE']._serialized_end=937
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=940
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1205
-  _globals['_INFERENCE']._serialized_start=1334
-  _globals['_INFERENCE']._serialized_end=1505
+  _globals['_GENERATEREQUEST']._serialized_end=338
+  _globals['_TOKENIDS']._serialized_start=340
+  _globals['_TOKENIDS']._serialized_end=363
+  _globals['_SAMPLINGPARAMS']._serialized_start=366
+  _globals['_SAMPLINGPARAMS']._serialized_end=512
+  _globals['_RESUME']._serialized_start=514
+  _globals['_RESUME']._serialized_end=550
+  _globals['_USAGE']._serialized_start=552
+  _globals['_USAGE']._serialized_end=609
+  _globals['_SERVEDBY']._serialized_start=611
+  _globals['_SERVEDBY']._serialized_end=656
+  _globals['_TIMINGS']._serialized_start=658
+  _globals['_TIMINGS']._serialized_end=717
+  _globals['_GENERATERESPONSE']._serialized_start=720
+  _globals['_GENERATERESPONSE']._serialized_end=957
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=960
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1225
+  _globals['_INFERENCE']._serialized_start=1354
+  _globals['_INFERENCE']._serialized_end=1525
 # @@protoc_insertion_point(module_scope)

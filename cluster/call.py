@@ -1,0 +1,96 @@
+"""`ringpipe generate` and `ringpipe status`: calls to a running server over gRPC.
+
+A failed call prints the gRPC status name and the server's message on stderr
+and exits 1. With `--json`, the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from coordinator.client import Client, RingpipeError
+
+TOKEN_ENV = "RINGPIPE_TOKEN"  # the bearer token, when the server asks for one
+STATES = {0: "unspecified", 1: "starting", 2: "serving", 3: "draining", 4: "dead"}
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, token=os.environ.get(TOKEN_ENV) or None)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt_ids if args.prompt_ids is not None else args.text
+    if prompt is None:
+        print("ringpipe: error: give TEXT or --prompt-ids", file=sys.stderr)
+        return 2
+    options = dict(
+        session_id=args.session or "", stop=args.stop or (), timeout_s=args.timeout, **_sampling(args)
+    )
+    try:
+        with _client(args) as client:
+            if args.stream:
+                ids, text = [], []
+                for piece in client.stream(prompt, args.max_new_tokens, **options):
+                    ids.extend(piece.token_ids)
+                    text.append(piece.text)
+                    if not args.json:
+                        sys.stdout.write(piece.text)
+                        sys.stdout.flush()
+                    reason = piece.finish_reason
+                result = {"token_ids": ids, "text": "".join(text), "finish_reason": reason}
+            else:
+                done = client.generate(prompt, args.max_new_tokens, **options)
+                result = {
+                    "token_ids": done.token_ids, "text": done.text, "finish_reason": done.finish_reason,
+                    "replica_id": done.replica_id, "time_to_first_token_ms": round(done.time_to_first_token_ms, 2),
+                }
+                if not args.json:
+                    sys.stdout.write(done.text)
+    except RingpipeError as exc:
+        print(f"ringpipe: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"\n[{len(result['token_ids'])} tokens, finish: {result['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            status = client.status()
+    except RingpipeError as exc:
+        print(f"ringpipe: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    replicas = [
+        {
+            "replica_id": r.replica_id, "state": STATES.get(r.state, str(r.state)), "epoch": r.epoch,
+            "ring_share": round(r.ring_share, 4), "in_flight": r.in_flight, "queue_depth": r.queue_depth,
+            "free_slots": r.free_slots, "total_slots": r.total_slots, "cached_prefixes": r.cached_prefixes,
+            "stages": [
+                {"index": s.index, "node_id": s.node_id, "address": s.address, "layers": [s.layer_start, s.layer_end]}
+                for s in r.stages
+            ],
+        }
+        for r in status.replicas
+    ]
+    if args.json:
+        print(json.dumps({"epoch": status.epoch, "replicas": replicas}))
+        return 0
+    print(f"epoch {status.epoch}, {len(replicas)} replicas")
+    for r in replicas:
+        nodes = ", ".join(f"stage {s['index']} {s['address']} ({s['node_id'][:8]})" for s in r["stages"])
+        print(
+            f"  {r['replica_id']:<12} {r['state']:<8} share {r['ring_share']:.3f}  in-flight {r['in_flight']}"
+            f"  queued {r['queue_depth']}  free slots {r['free_slots']}/{r['total_slots']}  [{nodes}]"
+        )
+    return 0

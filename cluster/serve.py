@@ -1,0 +1,121 @@
+"""Starting and stopping the whole service: replicas, coordinators, Serve's gRPC proxy.
+
+`start_service(cfg)` joins the Ray cluster (RAY_ADDRESS / `address`) or starts
+the embedded local one on 127.0.0.1, builds the demo model when the config asks
+for it, has the controller start the pipeline replicas, then deploys the
+coordinator behind Serve's gRPC proxy and waits until the proxy answers a health
+check. `Service.shutdown()` undoes all of it, in reverse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.config import RingpipeConfig, auth_token
+from cluster.local import LOOPBACK, init_ray
+from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
+from coordinator.service import CoordinatorSettings
+from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller
+
+
+@dataclass
+class Service:
+    cfg: RingpipeConfig
+    mode: str  # "local" or "joined"
+    target: str  # host:port of the gRPC endpoint
+    controller: object
+    owns_ray: bool
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        finally:
+            try:
+                ray.get(self.controller.shutdown.remote(), timeout=60)
+            finally:
+                ray.kill(self.controller)
+                if self.owns_ray:
+                    ray.shutdown()
+
+
+def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        model_dir=cfg.model.directory,
+        max_seq_len=cfg.pipeline.max_seq_len,
+        max_new_tokens=cfg.server.max_new_tokens or cfg.pipeline.max_seq_len,
+        max_request_bytes=cfg.server.max_request_bytes,
+        routing_key=cfg.routing.key,
+        prefix_tokens=cfg.routing.prefix_tokens,
+        load_factor=cfg.routing.load_factor,
+        vnodes=cfg.routing.vnodes,
+        auth_token=auth_token(cfg),
+    )
+
+
+def ensure_model(cfg: RingpipeConfig, progress: bool = True) -> str:
+    """The checkpoint directory, with the demo model trained into it first if the config asks."""
+    if cfg.model.demo:
+        from cluster.demo import build_demo
+
+        build_demo(cfg.model.directory, progress=progress)
+    return cfg.model.directory
+
+
+def start_service(
+    cfg: RingpipeConfig, address: str | None = None, progress: bool = True, ready_timeout_s: float = 120.0
+) -> Service:
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    settings = coordinator_settings(cfg)  # reads the auth token: fail before starting anything
+    ensure_model(cfg, progress)
+    owns_ray = not ray.is_initialized()
+    mode = init_ray(address)
+    controller = Controller.options(name=CONTROLLER_NAME, namespace=NAMESPACE).remote(
+        cfg.replica_spec(), cfg.replicas.count
+    )
+    try:
+        ray.get(controller.start.remote())
+        on_loopback = ray.util.get_node_ip_address().startswith("127.")
+        serve.start(
+            http_options={"host": LOOPBACK if on_loopback else "0.0.0.0", "port": cfg.server.http_port},
+            grpc_options=gRPCOptions(
+                port=cfg.server.port,
+                grpc_servicer_functions=SERVICER_FUNCTIONS,
+                request_timeout_s=cfg.server.request_timeout_s,
+            ),
+        )
+        app = build_app(settings, cfg.server.coordinators, cfg.server.max_ongoing_requests)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        target = f"{LOOPBACK if on_loopback else ray.util.get_node_ip_address()}:{cfg.server.port}"
+        wait_serving(target, ready_timeout_s)
+    except BaseException:
+        Service(cfg, mode, "", controller, owns_ray).shutdown()
+        raise
+    return Service(cfg, mode, target, controller, owns_ray)
+
+
+def wait_serving(target: str, timeout_s: float) -> None:
+    """Block until the gRPC health check at `target` answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gRPC endpoint {target} did not report SERVING within {timeout_s:.0f}s")
+            time.sleep(0.25)

@@ -1,0 +1,27 @@
+"""The coordinator as a Serve application, and what Serve's gRPC proxy must register for it."""
+
+from __future__ import annotations
+
+from ray import serve
+
+from coordinator.service import Coordinator, CoordinatorSettings
+
+APP_NAME = "ringpipe"
+# Serve's proxy calls the deployment method named like each RPC of these services
+SERVICER_FUNCTIONS = [
+    "protos.ringpipe.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
+    "protos.ringpipe.v1.admin_pb2_grpc.add_AdminServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def build_app(settings: CoordinatorSettings, replicas: int = 2, max_ongoing_requests: int = 1024):
+    """The Serve application: `replicas` coordinators, each taking up to `max_ongoing_requests` calls."""
+    deployment = serve.deployment(
+        Coordinator,
+        name="Coordinator",
+        num_replicas=replicas,
+        max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return deployment.bind(settings)

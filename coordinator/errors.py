@@ -1,0 +1,52 @@
+"""Every failure the service can answer with, mapped to a gRPC status in one place.
+
+| raised | status |
+|---|---|
+| `RequestError` (bad field; names it) | INVALID_ARGUMENT |
+| `Unauthenticated` | UNAUTHENTICATED |
+| `Overloaded` (every replica's queue full) | RESOURCE_EXHAUSTED |
+| `NoReplica`, `ReplicaFailed`, a dead actor | UNAVAILABLE |
+| anything else | INTERNAL |
+"""
+
+from __future__ import annotations
+
+import grpc
+import ray
+
+from shards.errors import Overloaded, ReplicaFailed, RequestError
+
+
+class ServiceError(Exception):
+    """A failure whose gRPC status is known where it is raised."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NoReplica(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ClusterFull(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message to answer `exc` with."""
+    if isinstance(exc, ray.exceptions.RayTaskError):  # raised inside an actor: judge by its cause
+        cause = exc.cause if isinstance(exc.cause, BaseException) else None
+        if cause is not None:
+            return status_for(cause)
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, RequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, ReplicaFailed | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, f"replica failed: {exc}"
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

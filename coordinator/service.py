@@ -1,0 +1,335 @@
+"""The coordinator: ringpipe's gRPC services, run as a Ray Serve deployment behind Serve's gRPC proxy.
+
+Serve's proxy terminates gRPC and calls the method of this class named like the
+RPC (`Generate`, `GenerateStream`, `ClusterStatus`, and `Check`/`Watch` of
+grpc.health.v1). Each coordinator replica holds the same membership (read from
+the controller, then watched) and so the same hash ring: a key routes to the
+same pipeline replica whichever coordinator takes the call.
+
+A request's path: check the token and every field → routing key → the ring's
+first replica under the bounded-load cap, then its successors → the replica
+head's streaming `generate` → token ids and text deltas back to the client. A
+replica whose queue is full refuses at once (nothing started), and the next on
+the ring is tried; all full is RESOURCE_EXHAUSTED. A client that cancels,
+disconnects or runs past its deadline cancels this coroutine; the `finally`
+cancels the replica stream, and the head frees the slot on its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2
+
+from coordinator.errors import ClusterFull, NoReplica, Unauthenticated, status_for
+from coordinator.request import Job, Limits, parse_request
+from coordinator.ring import HashRing
+from coordinator.routing import routing_key
+from coordinator.text import IncrementalText
+from failover.controller import CONTROLLER_NAME, NAMESPACE
+from failover.membership import Member, Membership
+from protos.ringpipe.v1 import admin_pb2
+from protos.ringpipe.v1 import inference_pb2 as pb
+from shards.checkpoint import load_tokenizer, read_model_args
+from shards.errors import Overloaded, ReplicaFailed
+
+log = logging.getLogger("ringpipe.coordinator")
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
+SERVICES = ("", "ringpipe.v1.Inference", "ringpipe.v1.Admin")  # names grpc.health.v1 answers for
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """Plain data from the validated config (`cluster.config`)."""
+
+    model_dir: str
+    max_seq_len: int
+    max_new_tokens: int
+    max_request_bytes: int = 1 << 20
+    routing_key: str = "session"  # session | prefix | random
+    prefix_tokens: int = 32
+    load_factor: float = 1.25
+    vnodes: int = 128
+    auth_token: str | None = None
+    controller: str = CONTROLLER_NAME
+    namespace: str = NAMESPACE
+    watch_timeout_s: float = 10.0
+
+
+@dataclass
+class Chunk:
+    """What one stream message carries."""
+
+    token_ids: list[int]
+    text_delta: str
+    offset: int
+    replica_id: str
+    epoch: int
+    finish_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        args = read_model_args(settings.model_dir)
+        self.tokenizer = load_tokenizer(settings.model_dir)
+        self.limits = Limits(
+            vocab_size=args.vocab_size,
+            max_seq_len=settings.max_seq_len,
+            max_new_tokens=settings.max_new_tokens,
+            max_request_bytes=settings.max_request_bytes,
+            eos_token_ids=frozenset(args.eos_token_ids),
+        )
+        self.controller = ray.get_actor(settings.controller, namespace=settings.namespace)
+        self.in_flight: Counter[str] = Counter()  # this coordinator's requests per replica
+        self._apply(ray.get(self.controller.membership.remote()))
+        self._watcher: asyncio.Task | None = None
+
+    # -- membership
+    def _apply(self, membership: Membership) -> None:
+        self.membership = membership
+        self.ring = HashRing(membership.replica_ids, self.settings.vnodes, self.settings.load_factor)
+
+    def _watch_membership(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                m = await self.controller.watch.remote(self.membership.epoch, self.settings.watch_timeout_s)
+                if m.epoch != self.membership.epoch:
+                    self._apply(m)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — keep routing by the last membership
+                log.warning("membership watch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    # -- checks
+    def _authorize(self, grpc_context) -> None:
+        token = self.settings.auth_token
+        if not token:
+            return
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        given = metadata.get("authorization", "")
+        if not given:
+            raise Unauthenticated("missing 'authorization' metadata: send 'Bearer <token>'")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthenticated("the 'authorization' token is not valid")
+
+    # -- generation
+    async def _run(self, job: Job) -> AsyncIterator[Chunk]:
+        """The generation's chunks, routed and streamed; raises on failure."""
+        received_at = time.monotonic()
+        text = IncrementalText(self.tokenizer, job.stops)
+        text.push(job.received)  # the client has their text: continue after it
+        offset = len(job.received)
+        done = job.finished_already(self.limits.max_seq_len)
+        if done:
+            yield Chunk([], "", offset, "", self.membership.epoch, done)
+            return
+        member, stream, first, sent_at = await self._open(job)
+        try:
+            item, timings = first, {}
+            while True:
+                if "queued_s" in item:
+                    timings = {
+                        "queue_ms": (sent_at - received_at + item["queued_s"]) * 1000,
+                        "time_to_first_token_ms": (time.monotonic() - received_at) * 1000,
+                    }
+                tokens, reason = item["tokens"], item["finish_reason"]
+                delta = text.push(tokens)
+                if text.stopped:
+                    reason = "stop"
+                elif reason:
+                    delta += text.flush()
+                yield Chunk(tokens, delta, offset, member.replica_id, member.epoch, reason, timings)
+                offset += len(tokens)
+                timings = {}
+                if reason:
+                    return
+                item = await self._next(stream)
+        finally:
+            self.in_flight[member.replica_id] -= 1
+            ray.cancel(stream)  # a no-op once finished; else the head frees the slot
+
+    async def _open(self, job: Job) -> tuple[Member, object, dict, float]:
+        """Submit to the first replica on the ring that takes it.
+
+        Returns that replica, its stream, the stream's first item and when the request was sent.
+        """
+        self._watch_membership()
+        if not len(self.ring):
+            raise NoReplica("no live pipeline replica is on the ring")
+        key = routing_key(job.prompt, job.session_id, self.settings.routing_key, self.settings.prefix_tokens)
+        first = self.ring.route(key, self.in_flight)
+        order = [first, *(r for r in self.ring.successors(key) if r != first)]
+        full, failed = [], []
+        request = job.generation()
+        for replica_id in order:
+            member = self.membership.get(replica_id)
+            sent_at = time.monotonic()
+            stream = member.head.generate.options(num_returns="streaming").remote(request)
+            self.in_flight[replica_id] += 1
+            try:
+                return member, stream, await self._next(stream), sent_at
+            except BaseException as exc:
+                self.in_flight[replica_id] -= 1
+                ray.cancel(stream)
+                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                if isinstance(cause, Overloaded):
+                    full.append(replica_id)
+                elif isinstance(cause, ReplicaFailed | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+                    failed.append(f"{replica_id}: {cause}")
+                else:
+                    raise
+        if full:
+            raise ClusterFull(
+                f"every replica is busy ({', '.join(full)} have full queues); retry later or raise pipeline.max_queue"
+            )
+        raise NoReplica("no replica could take the request: " + "; ".join(failed))
+
+    @staticmethod
+    async def _next(stream) -> dict:
+        ref = await stream.__anext__()
+        return await ref
+
+    # -- the RPCs
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            self._authorize(grpc_context)
+            job = parse_request(request, self.limits, self.tokenizer)
+            out = pb.GenerateResponse(request_id=job.request_id)
+            out.token_ids.extend(job.received)
+            text = []
+            async for chunk in self._run(job):
+                out.token_ids.extend(chunk.token_ids)
+                text.append(chunk.text_delta)
+                _served(out.served_by, chunk)
+                if chunk.timings:
+                    out.timings.CopyFrom(pb.Timings(**chunk.timings))
+                if chunk.finish_reason:
+                    out.finish_reason = FINISH[chunk.finish_reason]
+            if self.tokenizer is not None:
+                out.text = _prefix_text(self.tokenizer, job.received) + "".join(text)
+            out.usage.prompt_tokens = len(job.prompt)
+            out.usage.completion_tokens = len(out.token_ids)
+            return out
+        except Exception as exc:  # noqa: BLE001 — every failure becomes a status
+            _fail(grpc_context, exc)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+        try:
+            self._authorize(grpc_context)
+            job = parse_request(request, self.limits, self.tokenizer)
+            completion = len(job.received)
+            async for chunk in self._run(job):
+                completion += len(chunk.token_ids)
+                msg = pb.GenerateStreamResponse(
+                    request_id=job.request_id, token_ids=chunk.token_ids, text_delta=chunk.text_delta,
+                    offset=chunk.offset,
+                )
+                _served(msg.served_by, chunk)
+                if chunk.timings:
+                    msg.timings.CopyFrom(pb.Timings(**chunk.timings))
+                if chunk.finish_reason:
+                    msg.finish_reason = FINISH[chunk.finish_reason]
+                    msg.usage.prompt_tokens = len(job.prompt)
+                    msg.usage.completion_tokens = completion
+                yield msg
+        except Exception as exc:  # noqa: BLE001 — every failure becomes a status
+            _fail(grpc_context, exc)
+            # A stream that has sent nothing carries no context to Serve's proxy: only an
+            # exception does, and the proxy then answers with the code set on the context.
+            raise
+
+    async def ClusterStatus(self, request: admin_pb2.ClusterStatusRequest, grpc_context=None):
+        try:
+            self._authorize(grpc_context)
+            self._watch_membership()
+            membership, shares = self.membership, self.ring.shares()
+            stats = await asyncio.gather(
+                *(asyncio.wait_for(_head_stats(m), 5.0) for m in membership.members), return_exceptions=True
+            )
+            out = admin_pb2.ClusterStatusResponse(epoch=membership.epoch)
+            for member, st in zip(membership.members, stats, strict=True):
+                r = out.replicas.add(
+                    replica_id=member.replica_id, epoch=member.epoch, ring_share=shares.get(member.replica_id, 0.0),
+                    total_slots=member.max_batch,
+                )
+                if isinstance(st, dict):
+                    r.state = admin_pb2.REPLICA_STATE_SERVING
+                    r.in_flight, r.queue_depth = st["running"], st["waiting"]
+                    r.free_slots, r.cached_prefixes = st["free_slots"], st["cached_prefixes"]
+                else:
+                    r.state = admin_pb2.REPLICA_STATE_DEAD
+                for s in member.stages:
+                    r.stages.add(
+                        index=s.index, node_id=s.node_id, address=s.address,
+                        layer_start=s.layer_start, layer_end=s.layer_end,
+                    )
+            return out
+        except Exception as exc:  # noqa: BLE001
+            _fail(grpc_context, exc)
+            return admin_pb2.ClusterStatusResponse()
+
+    # grpc.health.v1: no token needed, so that load balancers and probes can ask
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        if request.service not in SERVICES:
+            if grpc_context is not None:
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details(f"unknown service {request.service!r}")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=self._health())
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        if request.service not in SERVICES:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            status = self._health()
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)
+
+    def _health(self) -> int:
+        self._watch_membership()
+        serving = len(self.ring) > 0
+        return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _head_stats(member: Member) -> dict:
+    return await member.head.stats.remote()
+
+
+def _served(served_by: pb.ServedBy, chunk: Chunk) -> None:
+    if chunk.replica_id:
+        served_by.replica_id, served_by.epoch = chunk.replica_id, chunk.epoch
+
+
+def _prefix_text(tokenizer, ids: tuple[int, ...]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True) if ids else ""
+
+
+def _fail(grpc_context, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("request failed")
+    if grpc_context is None:
+        raise exc
+    grpc_context.set_code(code)
+    grpc_context.set_details(message)
