@@ -1,4 +1,4 @@
-# Two entry points: `make run` (the main job) and `make test` (the suite).
+# Entry points: `make serve` (the service), `make test` (the suite), `make run` (one replica, no service).
 # Each creates .venv and installs what it needs on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ PROMPT ?= The list type
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test lint clean protos
+.PHONY: install serve run test lint clean protos
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+# the embedded default: demo model (trained on first use), 2 replicas x 2 stages, gRPC on 127.0.0.1:50051
+serve: $(STAMP)
+	$(VENV)/bin/ringpipe serve $(if $(CONFIG),--config $(CONFIG))
 
 run: $(STAMP)
 	$(VENV)/bin/ringpipe model demo $(DEMO_DIR)
