@@ -315,7 +315,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve import start_service
 
     cfg = _serve_config(args)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C and SIGTERM both end in a clean shutdown (SIGINT explicitly: a process started in
+    # the background of a script inherits it ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     with _spinner("starting replicas and coordinators"):
         service = start_service(cfg, args.address)
@@ -340,6 +343,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cluster.local import prepare_local
+
+    prepare_local(getattr(args, "address", None))  # before anything imports Ray
     from shards.errors import ShardsError
 
     try:

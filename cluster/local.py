@@ -22,15 +22,20 @@ import sys
 LOOPBACK = "127.0.0.1"
 
 
+def prepare_local(address: str | None = None) -> None:
+    """Before Ray is first imported: keep a local cluster on loopback (Ray reads this at import)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
     """Connect to `address` (or RAY_ADDRESS) when given, else start a local Ray on 127.0.0.1.
 
     Returns "joined" or "local"; a Ray already initialised in this process is reused.
     """
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare_local(address)
     import ray
 
     if ray.is_initialized():

@@ -85,7 +85,7 @@ def start_service(
     )
     try:
         ray.get(controller.start.remote())
-        on_loopback = ray.util.get_node_ip_address().startswith("127.")
+        on_loopback = mode == "local" or ray.util.get_node_ip_address().startswith("127.")
         serve.start(
             http_options={"host": LOOPBACK if on_loopback else "0.0.0.0", "port": cfg.server.http_port},
             grpc_options=gRPCOptions(
