@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench._foreign_load import ForeignLoad
 from bench._front import free_port, percentiles
-from bench._ring import table
+from bench._results import table
 from shards.create import RandomModelSpec, create_random_checkpoint
 
 MODEL = RandomModelSpec(arch="llama", layers=8, hidden=512, heads=8, kv_heads=4, vocab=2048, seed=0)

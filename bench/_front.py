@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._foreign_load import ForeignLoad
-from bench._ring import table
+from bench._results import table
 from shards.create import RandomModelSpec, create_random_checkpoint
 
 MODEL = RandomModelSpec(arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, vocab=1024, seed=0)

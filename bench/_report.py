@@ -6,24 +6,17 @@ Hand-written findings about a run live in `results/shards-findings.md`, which th
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 from pathlib import Path
 
-import psutil
 import torch
 
 from bench._generation import Row
+from bench._results import describe, table
 
 MiB = 1 << 20
 # libgomp reads these when torch loads; Ray workers inherit them from the driver. They decide whether
 # idle OpenMP threads spin or sleep, which on a shared machine decides more than the code does.
 OMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
 
 
 def generation_table(rows: list[Row]) -> str:
@@ -146,31 +139,10 @@ def machine() -> dict:
     import ray
     import transformers
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
+    info = describe(
+        ["shards"], torch=torch.__version__, transformers=transformers.__version__, ray=ray.__version__
     )
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "shards"], capture_output=True, text=True
-    ).stdout.split()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
-        "omp_env": {k: os.environ[k] for k in OMP_ENV if k in os.environ},
-        "commit": git + (f" + uncommitted changes in {', '.join(dirty[1::2])}" if dirty else ""),
-    }
+    return {**info, "omp_env": {k: os.environ[k] for k in OMP_ENV if k in os.environ}}
 
 
 def write_report(path: Path, r: dict) -> None:

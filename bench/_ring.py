@@ -31,10 +31,7 @@ import argparse
 import importlib.metadata
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -47,9 +44,9 @@ _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 
 from bench._foreign_load import ForeignLoad  # noqa: E402
+from bench._results import describe, table  # noqa: E402
 from coordinator.ring import HashRing, stable_hash  # noqa: E402
 
 try:
@@ -201,31 +198,9 @@ def bounded_loads(n: int, keys: list[str]) -> dict:
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
+    return describe(
+        ["coordinator/ring.py", "bench/_ring.py"], numpy=np.__version__, uhashring=UHASHRING_VERSION
     )
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "coordinator/ring.py", "bench/_ring.py"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "uhashring": UHASHRING_VERSION,
-        "commit": git + (f" + uncommitted changes in {', '.join(dirty[1::2])}" if dirty else ""),
-    }
 
 
 def run(keys: int = 1_000_000) -> dict:
@@ -282,12 +257,6 @@ def run(keys: int = 1_000_000) -> dict:
         "movement": movement,
         "bounded": bounded,
     }
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    # bench/_report.py has the same; importing it would load torch and Ray for three lines
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
 
 
 def render(results: dict) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,9 +34,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-import psutil  # noqa: E402
 
 from bench import _affinity, _front, _ring  # noqa: E402
+from bench._results import describe  # noqa: E402
 
 OUR_CODE = ("coordinator", "cluster", "failover", "shards", "protos", "bench")
 
@@ -96,32 +95,7 @@ def machine() -> dict:
     import ray
     import torch
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", *OUR_CODE], capture_output=True, text=True
-    ).stdout
-    paths = sorted({line[3:].split("/")[0] for line in dirty.splitlines() if line.strip()})
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "grpc": grpc.__version__,
-        "commit": git
-        + (f" + uncommitted changes in {', '.join(p + '/' for p in paths)}" if paths else ""),
-    }
+    return describe(OUR_CODE, torch=torch.__version__, ray=ray.__version__, grpc=grpc.__version__)
 
 
 HOW_TO_READ = """## How to read this
