@@ -161,6 +161,10 @@ class _Policy:
         return err.code() not in RETRYABLE or attempt >= self.retries or out_of_time
 
 
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
@@ -173,7 +177,12 @@ def _error(err: grpc.RpcError) -> RingpipeError:
     return RingpipeError(err.code(), err.details() or "")
 
 
-class Client:
+class _Connection:
+    """What both clients hold: a channel (plain, or TLS with `credentials`), the stubs, the token, the retry policy."""
+
+    _insecure_channel = staticmethod(grpc.insecure_channel)
+    _secure_channel = staticmethod(grpc.secure_channel)
+
     def __init__(
         self,
         target: str = "127.0.0.1:50051",
@@ -185,12 +194,15 @@ class Client:
         max_backoff_s: float = 3.0,
     ) -> None:
         self._channel = (
-            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            self._secure_channel(target, credentials) if credentials else self._insecure_channel(target)
         )
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
         self._metadata = _metadata(token)
         self._policy = _Policy(retries, backoff_s, max_backoff_s)
+
+
+class Client(_Connection):
 
     def __enter__(self) -> Client:
         return self
@@ -204,7 +216,7 @@ class Client:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, timeout_s: float | None = None,
                  **options) -> Completion:
         request = build_request(prompt, max_new_tokens, **options)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = _deadline(timeout_s)
         for attempt in range(self._policy.retries + 1):
             try:
                 resp = self._inference.Generate(request, timeout=_remaining(deadline), metadata=self._metadata)
@@ -218,7 +230,7 @@ class Client:
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *, timeout_s: float | None = None,
                **options) -> Iterator[Piece]:
         state = _Resumable(build_request(prompt, max_new_tokens, **options))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = _deadline(timeout_s)
         attempt = 0
         while True:
             call = self._inference.GenerateStream(
@@ -249,26 +261,11 @@ class Client:
             raise _error(err) from None
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """The asyncio twin of `Client`: same options, same retries and resume."""
 
-    def __init__(
-        self,
-        target: str = "127.0.0.1:50051",
-        *,
-        token: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        retries: int = 5,
-        backoff_s: float = 0.1,
-        max_backoff_s: float = 3.0,
-    ) -> None:
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
-        )
-        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
-        self._metadata = _metadata(token)
-        self._policy = _Policy(retries, backoff_s, max_backoff_s)
+    _insecure_channel = staticmethod(grpc.aio.insecure_channel)
+    _secure_channel = staticmethod(grpc.aio.secure_channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -282,7 +279,7 @@ class AsyncClient:
     async def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                        timeout_s: float | None = None, **options) -> Completion:
         request = build_request(prompt, max_new_tokens, **options)
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = _deadline(timeout_s)
         for attempt in range(self._policy.retries + 1):
             try:
                 resp = await self._inference.Generate(request, timeout=_remaining(deadline), metadata=self._metadata)
@@ -296,7 +293,7 @@ class AsyncClient:
     async def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 64, *,
                      timeout_s: float | None = None, **options) -> AsyncIterator[Piece]:
         state = _Resumable(build_request(prompt, max_new_tokens, **options))
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        deadline = _deadline(timeout_s)
         attempt = 0
         while True:
             call = self._inference.GenerateStream(

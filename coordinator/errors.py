@@ -35,18 +35,25 @@ class ClusterFull(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+REPLICA_LOST = (ReplicaFailed, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def cause_of(exc: BaseException) -> BaseException:
+    """What an actor raised, for an exception Ray wrapped on the way back; else `exc` itself."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        return exc.cause
+    return exc
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message to answer `exc` with."""
-    if isinstance(exc, ray.exceptions.RayTaskError):  # raised inside an actor: judge by its cause
-        cause = exc.cause if isinstance(exc.cause, BaseException) else None
-        if cause is not None:
-            return status_for(cause)
+    exc = cause_of(exc)
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, ReplicaFailed | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+    if isinstance(exc, REPLICA_LOST):
         return grpc.StatusCode.UNAVAILABLE, f"replica failed: {exc}"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -29,7 +29,14 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2
 
-from coordinator.errors import ClusterFull, NoReplica, Unauthenticated, status_for
+from coordinator.errors import (
+    REPLICA_LOST,
+    ClusterFull,
+    NoReplica,
+    Unauthenticated,
+    cause_of,
+    status_for,
+)
 from coordinator.request import Job, Limits, parse_request
 from coordinator.ring import HashRing
 from coordinator.routing import routing_key
@@ -39,7 +46,7 @@ from failover.membership import Member, Membership
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.checkpoint import load_tokenizer, read_model_args
-from shards.errors import Overloaded, ReplicaFailed
+from shards.errors import Overloaded
 
 log = logging.getLogger("ringpipe.coordinator")
 
@@ -187,10 +194,10 @@ class Coordinator:
             except BaseException as exc:
                 self.in_flight[replica_id] -= 1
                 ray.cancel(stream)
-                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+                cause = cause_of(exc)
                 if isinstance(cause, Overloaded):
                     full.append(replica_id)
-                elif isinstance(cause, ReplicaFailed | ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+                elif isinstance(cause, REPLICA_LOST):
                     failed.append(f"{replica_id}: {cause}")
                 else:
                     raise

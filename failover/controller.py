@@ -10,7 +10,6 @@ the one they hold (or after `timeout_s` with the current one).
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -32,7 +31,6 @@ class Controller:
         self._replicas: dict[str, Replica] = {}
         self._membership = Membership()
         self._changed = threading.Condition()
-        self._started_at = time.time()
 
     # -- life cycle
     def start(self, timeout_s: float = 600.0) -> Membership:
@@ -65,7 +63,7 @@ class Controller:
         with self._changed:
             self._replicas[name] = replica
             epoch = self._membership.epoch + 1
-            member = Member(name, epoch, replica.head, stages, self.spec.max_batch, self.spec.max_queue)
+            member = Member(name, epoch, replica.head, stages, self.spec.max_batch)
             self._membership = Membership(epoch, (*self._membership.members, member))
             self._changed.notify_all()
 
@@ -93,7 +91,3 @@ class Controller:
         with ThreadPoolExecutor(max(1, len(self._replicas))) as pool:
             futures = {name: pool.submit(r.stats, 2.0) for name, r in self._replicas.items()}
             return {name: fut.result() for name, fut in futures.items()}
-
-    # -- for tests and chaos
-    def kill_stage(self, replica_id: str, index: int, tp_rank: int = 0) -> None:
-        self._replicas[replica_id].kill_stage(index, tp_rank)

@@ -25,8 +25,7 @@ class Member:
     epoch: int  # the membership epoch at which it joined
     head: object = field(compare=False, repr=False)  # the head stage's Ray actor handle
     stages: tuple[StageInfo, ...] = ()
-    max_batch: int = 0
-    max_queue: int = 0
+    max_batch: int = 0  # KV slots
 
 
 @dataclass(frozen=True)
