@@ -147,6 +147,7 @@ class Coordinator:
             yield Chunk([], "", offset, "", self.membership.epoch, done)
             return
         member, stream, first, sent_at = await self._open(job)
+        replica_done = False
         try:
             item, timings = first, {}
             while True:
@@ -156,6 +157,7 @@ class Coordinator:
                         "time_to_first_token_ms": (time.monotonic() - received_at) * 1000,
                     }
                 tokens, reason = item["tokens"], item["finish_reason"]
+                replica_done = reason is not None
                 delta = text.push(tokens)
                 if text.stopped:
                     reason = "stop"
@@ -169,7 +171,8 @@ class Coordinator:
                 item = await self._next(stream)
         finally:
             self.in_flight[member.replica_id] -= 1
-            ray.cancel(stream)  # a no-op once finished; else the head frees the slot
+            if not replica_done:  # a stop string, the client gone, a deadline: the head frees the slot
+                ray.cancel(stream)
 
     async def _open(self, job: Job) -> tuple[Member, object, dict, float]:
         """Submit to the first replica on the ring that takes it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
@@ -13,9 +14,18 @@ MAX_BATCH, MAX_QUEUE, REPLICAS = 4, 28, 2  # 2 × (4 + 28) = 64 requests fit at 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port from 20000-32767: below the kernel's ephemeral range (where bind(0) and
+    every outgoing connection draw from, so a port picked there can be taken before Serve binds it)
+    and above Ray's worker ports (10002-19999)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.fixture(scope="session")
