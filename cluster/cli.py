@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stages", type=_positive, default=None, help="stages per replica (pipeline.stages)")
     serve.add_argument("--port", type=_positive, default=None, help="gRPC port (server.port)")
     serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    serve.add_argument(
+        "--nodes", type=_positive, default=None,
+        help="local mode: start N worker nodes (real raylets on 127.0.0.1) beside the head, to try failover",
+    )
+    serve.add_argument("--standby", type=int, default=None, help="warm spare replicas (replicas.standby)")
 
     def client_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
@@ -302,6 +308,8 @@ def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
         overrides["pipeline"]["stages"] = args.stages
     if args.replicas:
         overrides["replicas"]["count"] = args.replicas
+    if args.standby is not None:
+        overrides["replicas"]["standby"] = args.standby
     if args.port:
         overrides["server"]["port"] = args.port
     if args.config:
@@ -315,18 +323,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.serve import start_service
 
     cfg = _serve_config(args)
+    if args.nodes and (args.address or os.environ.get("RAY_ADDRESS")):
+        return _fail("--nodes starts a local cluster: it cannot be used with --address or RAY_ADDRESS")
     # Ctrl-C and SIGTERM both end in a clean shutdown (SIGINT explicitly: a process started in
     # the background of a script inherits it ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     with _spinner("starting replicas and coordinators"):
-        service = start_service(cfg, args.address)
+        service = start_service(cfg, args.address, nodes=args.nodes)
     try:
         p = cfg.pipeline
         print(
             f"ringpipe serving {cfg.model.directory} on {service.target} (gRPC) — {cfg.replicas.count} replicas "
-            f"x {p.stages} stages, {cfg.server.coordinators} coordinators, {service.mode} Ray; "
+            f"x {p.stages} stages (+{cfg.replicas.standby} standby), {cfg.server.coordinators} coordinators, "
+            f"{service.mode} Ray{f' with {args.nodes} worker nodes' if args.nodes else ''}; "
             f"ready in {time.monotonic() - started:.0f}s",
             flush=True,
         )

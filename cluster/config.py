@@ -61,7 +61,9 @@ class PipelineConfig(_Strict):
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
     cpus_per_stage: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per stage; 0 = cores / stages")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "SPREAD", description="Ray placement-group strategy for a replica's stages (SPREAD: over nodes where possible)"
+    )
 
 
 class TransportConfig(_Strict):
@@ -77,6 +79,7 @@ class TransportConfig(_Strict):
 
 class ReplicasConfig(_Strict):
     count: int = Field(2, ge=1, le=1024, description="pipeline replicas on the hash ring")
+    standby: int = Field(0, ge=0, le=64, description="warm spares (loaded, not on the ring) promoted when one dies")
 
 
 class RoutingConfig(_Strict):
@@ -127,6 +130,52 @@ class ServerConfig(_Strict):
     auth: AuthConfig = AuthConfig()
 
 
+class SlowConfig(_Strict):
+    threshold_ms: float = Field(200, gt=0, description="a heartbeat answered slower than this is slow")
+    count: int = Field(5, ge=1, description="this many slow heartbeats in a row pause the replica")
+    pause_s: float = Field(5.0, gt=0, description="how long a slow replica takes no new work")
+
+
+class HeartbeatConfig(_Strict):
+    interval_s: float = Field(0.5, gt=0, description="every stage is pinged this often")
+    timeout_s: float = Field(3.0, gt=0, description="a stage silent this long is dead")
+    slow: SlowConfig = SlowConfig()
+
+    @model_validator(mode="after")
+    def _interval_below_timeout(self) -> HeartbeatConfig:
+        if self.interval_s >= self.timeout_s:
+            raise ValueError("interval_s must be smaller than timeout_s")
+        return self
+
+
+class TakeoverConfig(_Strict):
+    max_retries: int = Field(3, ge=0, le=100, description="times one request is resumed on another replica")
+    retry_interval_s: float = Field(0.1, ge=0, description="wait before a resume, doubled for each further one")
+    max_resume_tokens: int = Field(
+        8192, ge=0, description="a generation longer than this is not resumed by the server (the client still can)"
+    )
+
+
+class ConsulConfig(_Strict):
+    address: str = Field("127.0.0.1:8500", description="host:port of the Consul agent's HTTP API")
+    scheme: Literal["http", "https"] = "http"
+    token_env: str | None = Field(None, description="environment variable holding a Consul ACL token")
+    service: str = Field("ringpipe-replica", description="Consul service name of the replicas")
+    ttl_s: float = Field(10.0, gt=0, description="TTL of each replica's check (renewed every heartbeat round)")
+    key: str = Field("ringpipe/state", description="Consul KV key of the controller's state")
+
+
+class RegistryConfig(_Strict):
+    backend: Literal["gcs", "consul"] = Field("gcs", description="where membership is kept: Ray's GCS or Consul")
+    consul: ConsulConfig = ConsulConfig()
+
+
+class FailoverConfig(_Strict):
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    takeover: TakeoverConfig = TakeoverConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
 class RingpipeConfig(_Strict):
     model: ModelConfig
     pipeline: PipelineConfig = PipelineConfig()
@@ -134,6 +183,7 @@ class RingpipeConfig(_Strict):
     replicas: ReplicasConfig = ReplicasConfig()
     routing: RoutingConfig = RoutingConfig()
     server: ServerConfig = ServerConfig()
+    failover: FailoverConfig = FailoverConfig()
 
     def replica_spec(self) -> ReplicaSpec:
         p, t = self.pipeline, self.transport

@@ -55,6 +55,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     return "local"
 
 
+def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True):
+    """A head and `nodes` worker nodes, each a real raylet on 127.0.0.1, and this process connected.
+
+    The head gets no CPUs, so stages are placed on the worker nodes (and killing one is
+    a real node failure); the controller, Serve and the coordinators need none and stay
+    wherever Ray puts them. Returns the `ray.cluster_utils.Cluster`; `shutdown()` it after
+    `ray.shutdown()`.
+    """
+    if nodes < 1:
+        raise ValueError(f"nodes must be ≥ 1, got {nodes}")
+    prepare_local()
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cpus = cpus_per_node or max(os.cpu_count() or 1, 6)
+    node_args = {"node_ip_address": LOOPBACK, "object_store_memory": 256 << 20}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False},
+    )
+    try:
+        for _ in range(nodes):
+            cluster.add_node(**node_args, num_cpus=cpus)
+        cluster.wait_for_nodes()
+        ray.init(
+            address=cluster.address,
+            log_to_driver=not quiet,
+            configure_logging=not quiet,
+            runtime_env={"worker_process_setup_hook": "cluster.local.serve_on_loopback"},
+        )
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 _SERVE_IMPL = "ray.serve._private.default_impl"
 
 

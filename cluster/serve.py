@@ -9,17 +9,19 @@ check. `Service.shutdown()` undoes all of it, in reverse.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.config import RingpipeConfig, auth_token
-from cluster.local import LOOPBACK, init_ray
+from cluster.config import ConfigError, RingpipeConfig, auth_token
+from cluster.local import LOOPBACK, init_ray, start_local_cluster
 from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
-from coordinator.service import CoordinatorSettings
-from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller
+from coordinator.service import CoordinatorSettings, Takeover
+from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
+from failover.heartbeat import HeartbeatSettings
 
 
 @dataclass
@@ -29,21 +31,25 @@ class Service:
     target: str  # host:port of the gRPC endpoint
     controller: object
     owns_ray: bool
+    local_cluster: object | None = None  # ray.cluster_utils.Cluster of `--nodes`
 
     def shutdown(self) -> None:
         import ray
         from ray import serve
 
         try:
-            serve.delete(APP_NAME)
+            if serve.status().applications:  # nothing to delete when start failed before Serve ran
+                serve.delete(APP_NAME)
             serve.shutdown()
         finally:
             try:
                 ray.get(self.controller.shutdown.remote(), timeout=60)
             finally:
-                ray.kill(self.controller)
+                ray.kill(self.controller, no_restart=True)
                 if self.owns_ray:
                     ray.shutdown()
+                if self.local_cluster is not None:
+                    self.local_cluster.shutdown()
 
 
 def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
@@ -57,6 +63,39 @@ def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
         load_factor=cfg.routing.load_factor,
         vnodes=cfg.routing.vnodes,
         auth_token=auth_token(cfg),
+        takeover=Takeover(
+            max_retries=cfg.failover.takeover.max_retries,
+            retry_interval_s=cfg.failover.takeover.retry_interval_s,
+            max_resume_tokens=cfg.failover.takeover.max_resume_tokens,
+        ),
+    )
+
+
+def controller_settings(cfg: RingpipeConfig) -> ControllerSettings:
+    hb, registry = cfg.failover.heartbeat, cfg.failover.registry
+    consul = None
+    if registry.backend == "consul":
+        from failover.consul import ConsulSettings
+
+        c = registry.consul
+        token = None
+        if c.token_env:
+            token = os.environ.get(c.token_env) or None
+            if token is None:
+                raise ConfigError(f"config key 'failover.registry.consul.token_env': {c.token_env} is empty or unset")
+        consul = ConsulSettings(address=c.address, scheme=c.scheme, token=token, service=c.service, ttl_s=c.ttl_s,
+                                key=c.key)
+    return ControllerSettings(
+        replicas=cfg.replicas.count,
+        standby=cfg.replicas.standby,
+        heartbeat=HeartbeatSettings(
+            interval_s=hb.interval_s,
+            timeout_s=hb.timeout_s,
+            slow_threshold_s=hb.slow.threshold_ms / 1000,
+            slow_count=hb.slow.count,
+            slow_pause_s=hb.slow.pause_s,
+        ),
+        consul=consul,
     )
 
 
@@ -70,23 +109,42 @@ def ensure_model(cfg: RingpipeConfig, progress: bool = True) -> str:
 
 
 def start_service(
-    cfg: RingpipeConfig, address: str | None = None, progress: bool = True, ready_timeout_s: float = 120.0
+    cfg: RingpipeConfig,
+    address: str | None = None,
+    progress: bool = True,
+    ready_timeout_s: float = 120.0,
+    nodes: int | None = None,
 ) -> Service:
+    """Start everything; `nodes`: first start a local cluster of a head and that many worker nodes."""
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    settings = coordinator_settings(cfg)  # reads the auth token: fail before starting anything
+    settings = coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
+    controller_cfg = controller_settings(cfg)
     ensure_model(cfg, progress)
     owns_ray = not ray.is_initialized()
-    mode = init_ray(address)
-    controller = Controller.options(name=CONTROLLER_NAME, namespace=NAMESPACE).remote(
-        cfg.replica_spec(), cfg.replicas.count
+    local_cluster = None
+    if nodes:
+        local_cluster = start_local_cluster(nodes)
+        mode = "local"
+    else:
+        mode = init_ray(address)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # beside this driver (the head, in local mode) while that node lives; anywhere after a restart
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    controller = Controller.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here
+    ).remote(
+        cfg.replica_spec(), controller_cfg
     )
     try:
         ray.get(controller.start.remote())
         on_loopback = mode == "local" or ray.util.get_node_ip_address().startswith("127.")
         serve.start(
+            # one proxy, on the head: several local nodes share one address, so per-node proxies would clash
+            proxy_location="HeadOnly" if mode == "local" else "EveryNode",
             http_options={"host": LOOPBACK if on_loopback else "0.0.0.0", "port": cfg.server.http_port},
             grpc_options=gRPCOptions(
                 port=cfg.server.port,
@@ -99,9 +157,9 @@ def start_service(
         target = f"{LOOPBACK if on_loopback else ray.util.get_node_ip_address()}:{cfg.server.port}"
         wait_serving(target, ready_timeout_s)
     except BaseException:
-        Service(cfg, mode, "", controller, owns_ray).shutdown()
+        Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise
-    return Service(cfg, mode, target, controller, owns_ray)
+    return Service(cfg, mode, target, controller, owns_ray, local_cluster)
 
 
 def wait_serving(target: str, timeout_s: float) -> None:

@@ -67,6 +67,8 @@ class Piece:
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    epoch: int = 0  # the membership epoch at which `replica_id` took its ring position
+    resumes: int = 0  # times this client reopened the stream (a coordinator was lost) before this piece
 
 
 def build_request(
@@ -119,8 +121,10 @@ class _Resumable:
     def __init__(self, request: pb.GenerateRequest) -> None:
         self.request = request
         self.received: list[int] = []
+        self.calls = 0
 
     def next_request(self) -> pb.GenerateRequest:
+        self.calls += 1
         msg = pb.GenerateRequest()
         msg.CopyFrom(self.request)
         if self.received:
@@ -140,7 +144,10 @@ class _Resumable:
         reason = _FINISH.get(msg.finish_reason)
         if not new and not msg.text_delta and reason is None:
             return None
-        piece = Piece(new, msg.text_delta, msg.offset + min(skip, len(ids)), msg.served_by.replica_id, reason)
+        piece = Piece(
+            new, msg.text_delta, msg.offset + min(skip, len(ids)), msg.served_by.replica_id, reason,
+            epoch=msg.served_by.epoch, resumes=self.calls - 1,
+        )
         if msg.HasField("usage"):
             piece.usage = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens}
         if msg.HasField("timings"):
@@ -158,7 +165,16 @@ class _Policy:
 
     def give_up(self, err: grpc.RpcError, attempt: int, deadline: float | None) -> bool:
         out_of_time = deadline is not None and time.monotonic() >= deadline
-        return err.code() not in RETRYABLE or attempt >= self.retries or out_of_time
+        return not _retryable(err) or attempt >= self.retries or out_of_time
+
+
+def _retryable(err: grpc.RpcError) -> bool:
+    """UNAVAILABLE, and the coordinator replica lost mid-call: Serve's proxy reports that as
+    INTERNAL ("The actor died unexpectedly before finishing this task") though another replica can
+    take the call. Resending is safe either way: a stream resumes after what it received."""
+    if err.code() in RETRYABLE:
+        return True
+    return err.code() == grpc.StatusCode.INTERNAL and "actor died unexpectedly" in (err.details() or "")
 
 
 def _deadline(timeout_s: float | None) -> float | None:

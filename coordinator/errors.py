@@ -5,7 +5,7 @@
 | `RequestError` (bad field; names it) | INVALID_ARGUMENT |
 | `Unauthenticated` | UNAUTHENTICATED |
 | `Overloaded` (every replica's queue full) | RESOURCE_EXHAUSTED |
-| `NoReplica`, `ReplicaFailed`, a dead actor | UNAVAILABLE |
+| `NoReplica` (incl. `Fenced`), `ReplicaFailed`, a dead actor | UNAVAILABLE |
 | anything else | INTERNAL |
 """
 
@@ -29,6 +29,10 @@ class Unauthenticated(ServiceError):
 
 class NoReplica(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Fenced(NoReplica):
+    """The replica serving a request left the membership: nothing more is taken from it."""
 
 
 class ClusterFull(ServiceError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.errors import RequestError
@@ -60,9 +60,16 @@ class Job:
         return None
 
     def generation(self) -> GenerationRequest:
+        """What a replica runs, under an id of its own: a client resending `request_id` (it lost its
+        coordinator) must not collide with the orphaned first call, still running on a head."""
         return GenerationRequest(
-            self.request_id, self.prompt + self.received, self.remaining, self.sampling, self.stop_token_ids
+            f"{self.request_id}~{secrets.token_hex(4)}", self.prompt + self.received, self.remaining, self.sampling,
+            self.stop_token_ids,
         )
+
+    def resumed(self, delivered: tuple[int, ...]) -> Job:
+        """The same generation, continued after `delivered` (every token the client has now)."""
+        return replace(self, received=delivered)
 
 
 def parse_request(msg: pb.GenerateRequest, limits: Limits, tokenizer=None) -> Job:

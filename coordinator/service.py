@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2
 from coordinator.errors import (
     REPLICA_LOST,
     ClusterFull,
+    Fenced,
     NoReplica,
     Unauthenticated,
     cause_of,
@@ -43,6 +44,7 @@ from coordinator.routing import routing_key
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
 from failover.membership import Member, Membership
+from failover.metrics import metrics
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.checkpoint import load_tokenizer, read_model_args
@@ -52,6 +54,13 @@ log = logging.getLogger("ringpipe.coordinator")
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
 SERVICES = ("", "ringpipe.v1.Inference", "ringpipe.v1.Admin")  # names grpc.health.v1 answers for
+
+
+@dataclass(frozen=True)
+class Takeover:
+    max_retries: int = 3
+    retry_interval_s: float = 0.1
+    max_resume_tokens: int = 8192
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,7 @@ class CoordinatorSettings:
     controller: str = CONTROLLER_NAME
     namespace: str = NAMESPACE
     watch_timeout_s: float = 10.0
+    takeover: Takeover = Takeover()
 
 
 @dataclass
@@ -99,13 +109,17 @@ class Coordinator:
         )
         self.controller = ray.get_actor(settings.controller, namespace=settings.namespace)
         self.in_flight: Counter[str] = Counter()  # this coordinator's requests per replica
+        self._fences: dict[tuple[str, int], asyncio.Event] = {}
         self._apply(ray.get(self.controller.membership.remote()))
         self._watcher: asyncio.Task | None = None
 
     # -- membership
     def _apply(self, membership: Membership) -> None:
         self.membership = membership
-        self.ring = HashRing(membership.replica_ids, self.settings.vnodes, self.settings.load_factor)
+        self.ring = HashRing(membership.ring_ids, self.settings.vnodes, self.settings.load_factor)
+        current = self._member_keys()
+        for key in [k for k in self._fences if k not in current]:
+            self._fences.pop(key).set()  # fencing: streams from that member are dropped from now on
 
     def _watch_membership(self) -> None:
         if self._watcher is None or self._watcher.done():
@@ -121,7 +135,7 @@ class Coordinator:
                 raise
             except Exception as exc:  # noqa: BLE001 — keep routing by the last membership
                 log.warning("membership watch failed (%s); retrying", exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.2)  # a restarting controller is back within seconds
 
     # -- checks
     def _authorize(self, grpc_context) -> None:
@@ -137,78 +151,166 @@ class Coordinator:
 
     # -- generation
     async def _run(self, job: Job) -> AsyncIterator[Chunk]:
-        """The generation's chunks, routed and streamed; raises on failure."""
+        """The generation's chunks, routed, streamed and taken over on failure; raises when it cannot go on.
+
+        A replica that fails mid-stream (its actor died, its pipeline broke) or is fenced (it left
+        the membership: declared dead) loses the request: the tokens already yielded become the
+        resume tokens of the same job, sent to the next replica on the ring with the same seed, so
+        the continuation is the one the lost replica would have produced. At most `max_retries`
+        times, `retry_interval_s` apart and doubling.
+        """
         received_at = time.monotonic()
         text = IncrementalText(self.tokenizer, job.stops)
         text.push(job.received)  # the client has their text: continue after it
-        offset = len(job.received)
+        delivered = list(job.received)
         done = job.finished_already(self.limits.max_seq_len)
         if done:
-            yield Chunk([], "", offset, "", self.membership.epoch, done)
+            yield Chunk([], "", len(delivered), "", self.membership.epoch, done)
             return
-        member, stream, first, sent_at = await self._open(job)
-        replica_done = False
-        try:
-            item, timings = first, {}
-            while True:
-                if "queued_s" in item:
-                    timings = {
-                        "queue_ms": (sent_at - received_at + item["queued_s"]) * 1000,
-                        "time_to_first_token_ms": (time.monotonic() - received_at) * 1000,
-                    }
-                tokens, reason = item["tokens"], item["finish_reason"]
-                replica_done = reason is not None
-                delta = text.push(tokens)
-                if text.stopped:
-                    reason = "stop"
-                elif reason:
-                    delta += text.flush()
-                yield Chunk(tokens, delta, offset, member.replica_id, member.epoch, reason, timings)
-                offset += len(tokens)
-                timings = {}
-                if reason:
-                    return
-                item = await self._next(stream)
-        finally:
-            self.in_flight[member.replica_id] -= 1
-            if not replica_done:  # a stop string, the client gone, a deadline: the head frees the slot
-                ray.cancel(stream)
+        m = metrics()
+        attempt, avoid, first_token_at, produced = 0, set(), None, 0
+        while True:
+            try:
+                member, stream, item, sent_at = await self._open(job, avoid)
+            except NoReplica as exc:
+                if attempt == 0:
+                    raise
+                lost = exc  # nothing could take the resume (yet): counts as a try
+            else:
+                lost = None
+                fence = self._fence(member)
+                replica_done = False
+                self._count(member.replica_id, +1)
+                try:
+                    while True:
+                        tokens, reason = item["tokens"], item["finish_reason"]
+                        timings = {}
+                        if first_token_at is None and tokens:
+                            first_token_at = time.monotonic()
+                            m.time_to_first_token_s.observe(first_token_at - received_at)
+                            timings = {
+                                "queue_ms": (sent_at - received_at + item.get("queued_s", 0.0)) * 1000,
+                                "time_to_first_token_ms": (first_token_at - received_at) * 1000,
+                            }
+                        replica_done = reason is not None
+                        delta = text.push(tokens)
+                        if text.stopped:
+                            reason = "stop"
+                        elif reason:
+                            delta += text.flush()
+                        yield Chunk(tokens, delta, len(delivered), member.replica_id, member.epoch, reason, timings)
+                        delivered.extend(tokens)
+                        produced += len(tokens)
+                        if reason:
+                            if produced > 1:
+                                m.time_per_output_token_s.observe((time.monotonic() - first_token_at) / (produced - 1))
+                            return
+                        item = await self._next_unfenced(stream, fence)
+                except (Fenced, *REPLICA_LOST) as exc:
+                    lost = exc
+                except BaseException as exc:
+                    if isinstance(cause_of(exc), REPLICA_LOST):
+                        lost = cause_of(exc)
+                    else:
+                        raise
+                finally:
+                    self._count(member.replica_id, -1)
+                    if not replica_done:  # lost, a stop string, the client gone: the head frees the slot
+                        ray.cancel(stream)
+                avoid.add(member.key)
+            attempt += 1
+            why = f"{type(lost).__name__}: {lost}"
+            takeover = self.settings.takeover
+            if attempt > takeover.max_retries:
+                raise NoReplica(
+                    f"the generation was lost {attempt} times, the last: {why}; gave up after "
+                    f"{takeover.max_retries} resumes (failover.takeover.max_retries); resend with `resume`"
+                )
+            if len(delivered) - len(job.prompt) > takeover.max_resume_tokens:
+                raise NoReplica(
+                    f"{why}; {len(delivered)} tokens streamed is over failover.takeover.max_resume_tokens "
+                    f"({takeover.max_resume_tokens}): resend with `resume`"
+                )
+            m.resumed_requests.inc(tags={"reason": "fenced" if isinstance(lost, Fenced) else "failed"})
+            log.warning("request %s: %s; resuming after %d tokens (try %d)", job.request_id, why, len(delivered), attempt)
+            await asyncio.sleep(takeover.retry_interval_s * 2 ** (attempt - 1))
+            job = job.resumed(tuple(delivered))
+            if job.finished_already(self.limits.max_seq_len):  # cannot happen unless the budget ran out
+                yield Chunk([], text.flush(), len(delivered), "", self.membership.epoch, "length")
+                return
 
-    async def _open(self, job: Job) -> tuple[Member, object, dict, float]:
-        """Submit to the first replica on the ring that takes it.
+    async def _open(self, job: Job, avoid: set[tuple[str, int]] | None = None):
+        """Submit to the first replica on the ring that takes it, skipping the members in `avoid`.
 
         Returns that replica, its stream, the stream's first item and when the request was sent.
         """
         self._watch_membership()
-        if not len(self.ring):
-            raise NoReplica("no live pipeline replica is on the ring")
+        avoid = set() if avoid is None else avoid
         key = routing_key(job.prompt, job.session_id, self.settings.routing_key, self.settings.prefix_tokens)
-        first = self.ring.route(key, self.in_flight)
-        order = [first, *(r for r in self.ring.successors(key) if r != first)]
+        order = []
+        if len(self.ring):
+            first = self.ring.route(key, self.in_flight)
+            order = [first, *(r for r in self.ring.successors(key) if r != first)]
+        members = [m for r in order if (m := self.membership.get(r)) is not None and m.key not in avoid]
+        if not members:
+            raise NoReplica("no live pipeline replica is on the ring")
         full, failed = [], []
         request = job.generation()
-        for replica_id in order:
-            member = self.membership.get(replica_id)
+        for member in members:
             sent_at = time.monotonic()
             stream = member.head.generate.options(num_returns="streaming").remote(request)
-            self.in_flight[replica_id] += 1
+            self._count(member.replica_id, +1)
             try:
-                return member, stream, await self._next(stream), sent_at
+                return member, stream, await self._next_unfenced(stream, self._fence(member)), sent_at
             except BaseException as exc:
-                self.in_flight[replica_id] -= 1
                 ray.cancel(stream)
                 cause = cause_of(exc)
                 if isinstance(cause, Overloaded):
-                    full.append(replica_id)
-                elif isinstance(cause, REPLICA_LOST):
-                    failed.append(f"{replica_id}: {cause}")
+                    full.append(member.replica_id)
+                elif isinstance(cause, (Fenced, *REPLICA_LOST)):
+                    failed.append(f"{member.replica_id}: {cause}")
+                    avoid.add(member.key)
                 else:
                     raise
+            finally:
+                self._count(member.replica_id, -1)
         if full:
             raise ClusterFull(
                 f"every replica is busy ({', '.join(full)} have full queues); retry later or raise pipeline.max_queue"
             )
         raise NoReplica("no replica could take the request: " + "; ".join(failed))
+
+    def _count(self, replica_id: str, change: int) -> None:
+        self.in_flight[replica_id] += change
+        metrics().in_flight.set(self.in_flight[replica_id], tags={"replica": replica_id})
+
+    def _fence(self, member: Member) -> asyncio.Event:
+        """Set when `member` leaves the membership."""
+        fence = self._fences.get(member.key)
+        if fence is None:
+            fence = self._fences[member.key] = asyncio.Event()
+            if member.key not in self._member_keys():
+                fence.set()
+        return fence
+
+    def _member_keys(self) -> set[tuple[str, int]]:
+        return {m.key for m in self.membership.members}
+
+    async def _next_unfenced(self, stream, fence: asyncio.Event) -> dict:
+        """The stream's next item, unless its replica is fenced first (then the item is dropped)."""
+        if fence.is_set():
+            raise Fenced("the replica was declared dead and left the membership")
+        item = asyncio.ensure_future(self._next(stream))
+        fenced = asyncio.ensure_future(fence.wait())
+        try:
+            await asyncio.wait((item, fenced), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            fenced.cancel()
+            if not item.done():
+                item.cancel()
+        if fence.is_set():
+            raise Fenced("the replica was declared dead and left the membership")
+        return item.result()
 
     @staticmethod
     async def _next(stream) -> dict:
@@ -270,18 +372,29 @@ class Coordinator:
             self._authorize(grpc_context)
             self._watch_membership()
             membership, shares = self.membership, self.ring.shares()
-            stats = await asyncio.gather(
-                *(asyncio.wait_for(_head_stats(m), 5.0) for m in membership.members), return_exceptions=True
+            failovers, standbys, *stats = await asyncio.gather(
+                self.controller.failovers.remote(),
+                self.controller.standbys.remote(),
+                *(asyncio.wait_for(_head_stats(m), 5.0) for m in membership.members),
+                return_exceptions=True,
             )
             out = admin_pb2.ClusterStatusResponse(epoch=membership.epoch)
+            if isinstance(standbys, list):
+                out.standbys = len(standbys)
+            for f in failovers if isinstance(failovers, list) else []:
+                out.failovers.add(
+                    at_unix_s=f["at"], replica_id=f["replica_id"], stage=f["stage"], reason=f["reason"],
+                    silent_s=f["silent_s"], action=f["action"], restored_at_unix_s=f["restored_at"] or 0.0,
+                )
             for member, st in zip(membership.members, stats, strict=True):
                 r = out.replicas.add(
                     replica_id=member.replica_id, epoch=member.epoch, ring_share=shares.get(member.replica_id, 0.0),
                     total_slots=member.max_batch,
                 )
                 if isinstance(st, dict):
-                    r.state = admin_pb2.REPLICA_STATE_SERVING
+                    r.state = admin_pb2.REPLICA_STATE_SERVING if member.accepting else admin_pb2.REPLICA_STATE_PAUSED
                     r.in_flight, r.queue_depth = st["running"], st["waiting"]
+                    metrics().queue_depth.set(st["waiting"], tags={"replica": member.replica_id})
                     r.free_slots, r.cached_prefixes = st["free_slots"], st["cached_prefixes"]
                 else:
                     r.state = admin_pb2.REPLICA_STATE_DEAD

@@ -1,80 +1,139 @@
-"""The controller: a named Ray actor that creates the pipeline replicas and publishes membership.
+"""The controller: a detached, named, restartable Ray actor that keeps the pipeline replicas alive.
 
-It owns every `Replica` (their placement groups and stage actors) and the
-epoch-numbered `Membership` that coordinators route by. Coordinators find it by
-name (`CONTROLLER_NAME` in `NAMESPACE`), read `membership()`, and wait for the
-next change with `watch(epoch)`, which answers as soon as the epoch moves past
-the one they hold (or after `timeout_s` with the current one).
+It creates every replica (a detached placement group and stage actors, named
+so that they outlive it), watches them with the heartbeat monitor, and
+publishes the epoch-numbered `Membership` coordinators route by. Coordinators
+find it by name (`CONTROLLER_NAME` in `NAMESPACE`), read `membership()` and
+wait for the next change with `watch(epoch)`, a long poll.
+
+Ring positions are slots (`replica-0` …). When a stage dies, its slot's member
+leaves (epoch + 1) — in the same change a warm standby, if there is one, takes
+the slot — and a new pipeline is built in the background: it takes the slot
+back if it is still empty (so the slot's sessions return to it), else it
+becomes the next standby. A slow stage's member stays but is off the ring.
+
+Everything needed to find the replicas again is saved in the registry (Ray's
+GCS by default) at every change; a restarted controller attaches to them by
+name and carries on from the saved epoch.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import ray
 
+from failover.heartbeat import Health, HeartbeatMonitor, HeartbeatSettings, Verdict
 from failover.membership import Member, Membership, StageInfo
+from failover.metrics import metrics
+from failover.registry import GcsRegistry, Registry
 from shards.replica import Replica
 from shards.spec import ReplicaSpec
 
 CONTROLLER_NAME = "ringpipe-controller"
 NAMESPACE = "ringpipe"
+log = logging.getLogger("ringpipe.controller")
 
 
-@ray.remote(num_cpus=0, max_concurrency=32, max_restarts=0)
+@dataclass(frozen=True)
+class ControllerSettings:
+    replicas: int = 2
+    standby: int = 0
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    consul: object | None = None  # failover.consul.ConsulSettings: keep membership in Consul, not Ray's GCS
+    start_timeout_s: float = 600.0
+    rebuild_backoff_s: float = 2.0
+    recent_failovers: int = 50
+
+
+@dataclass
+class _Slot:
+    replica: Replica | None = None  # None while its pipeline is being rebuilt
+    epoch: int = 0  # when the current pipeline took the slot
+    stages: tuple[StageInfo, ...] = ()
+    paused: bool = False
+
+
+@dataclass
+class _Failover:
+    at: float  # wall clock
+    replica_id: str
+    pipeline: str
+    stage: int
+    reason: str
+    silent_s: float
+    action: str  # "standby promoted" | "rebuilding" | "standby replaced"
+    restored_at: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+@ray.remote(num_cpus=0, max_concurrency=64, max_restarts=-1)
 class Controller:
-    def __init__(self, spec: ReplicaSpec, replicas: int) -> None:
-        if replicas < 1:
-            raise ValueError(f"replicas must be ≥ 1, got {replicas}")
-        self.spec, self.count = spec, replicas
-        self._replicas: dict[str, Replica] = {}
+    def __init__(self, spec: ReplicaSpec, settings: ControllerSettings, name: str = CONTROLLER_NAME) -> None:
+        if settings.replicas < 1:
+            raise ValueError(f"replicas must be ≥ 1, got {settings.replicas}")
+        self.spec, self.settings, self.name = spec, settings, name
+        self.registry: Registry = _registry(settings, name)
+        self.monitor = HeartbeatMonitor(settings.heartbeat)
+        self._lock = threading.Condition()
+        self._slots: dict[str, _Slot] = {}
+        self._standbys: list[Replica] = []
+        self._pipelines: dict[str, Replica] = {}  # every live pipeline by name: slots' and standbys'
+        self._stage_infos: dict[str, tuple[StageInfo, ...]] = {}  # where each pipeline's stages run
+        self._epoch, self._next_pipeline = 0, 0
         self._membership = Membership()
-        self._changed = threading.Condition()
+        self._failovers: collections.deque[_Failover] = collections.deque(maxlen=settings.recent_failovers)
+        self._stopped = threading.Event()
+        self._started = False
+        state = self.registry.load()
+        if state:
+            self._recover(state)
+        threading.Thread(target=self._watch_stages, name="heartbeats", daemon=True).start()
+        threading.Thread(target=self._renew_registry, name="registry", daemon=True).start()
 
     # -- life cycle
-    def start(self, timeout_s: float = 600.0) -> Membership:
-        """Start every replica (in parallel) and put them on the ring; returns the membership."""
-        names = [f"replica-{i}" for i in range(self.count)]
-        replicas = {name: Replica(self.spec, name=name) for name in names}
-        with ThreadPoolExecutor(len(names)) as pool:
-            futures = {name: pool.submit(r.start, timeout_s) for name, r in replicas.items()}
-            errors = []
-            for name, fut in futures.items():
-                try:
-                    fut.result()
-                except Exception as exc:  # noqa: BLE001 — reported together below
-                    errors.append(f"{name}: {exc}")
+    def start(self) -> Membership:
+        """Start every replica and standby (in parallel) unless a previous incarnation did."""
+        with self._lock:
+            if self._started:
+                return self._membership
+        count = self.settings.replicas + self.settings.standby
+        pipelines = [self._new_pipeline() for _ in range(count)]
+        with ThreadPoolExecutor(count) as pool:
+            futures = [pool.submit(p.start, self.settings.start_timeout_s) for p in pipelines]
+            errors = [f"{p.name}: {exc}" for p, f in zip(pipelines, futures, strict=True) if (exc := f.exception())]
         if errors:
-            for r in replicas.values():
-                r.shutdown()
+            for p in pipelines:
+                p.shutdown()
             raise RuntimeError("replicas failed to start: " + "; ".join(errors))
-        for name in names:
-            self._join(name, replicas[name])
-        return self._membership
-
-    def _join(self, name: str, replica: Replica) -> None:
-        nodes = replica.nodes()
-        tp = self.spec.tensor_parallel
-        stages = tuple(
-            StageInfo(p.index, nodes[p.index * tp]["node_id"], nodes[p.index * tp]["ip"], p.layer_start, p.layer_end)
-            for p in replica.plans
-        )
-        with self._changed:
-            self._replicas[name] = replica
-            epoch = self._membership.epoch + 1
-            member = Member(name, epoch, replica.head, stages, self.spec.max_batch)
-            self._membership = Membership(epoch, (*self._membership.members, member))
-            self._changed.notify_all()
+        stages = [_stage_infos(p) for p in pipelines]
+        with self._lock:
+            self._started = True
+            for i, (p, info) in enumerate(zip(pipelines[: self.settings.replicas], stages, strict=False)):
+                self._take_slot(f"replica-{i}", p, info)
+            for p, info in zip(pipelines[self.settings.replicas :], stages[self.settings.replicas :], strict=True):
+                self._add_standby(p, info)
+            self._publish()
+            return self._membership
 
     def shutdown(self) -> None:
-        with self._changed:
-            replicas = list(self._replicas.values())
-            self._replicas.clear()
-            self._membership = Membership(self._membership.epoch + 1, ())
-            self._changed.notify_all()
-        for r in replicas:
-            r.shutdown()
+        self._stopped.set()
+        with self._lock:
+            pipelines = list(self._pipelines.values())
+            self._pipelines.clear()
+            self._slots.clear()
+            self._standbys.clear()
+            self._epoch += 1
+            self._membership = Membership(self._epoch, ())
+            self._lock.notify_all()
+        for p in pipelines:
+            p.shutdown()
+        self._tell_registry(self.registry.clear)
 
     # -- reading
     def membership(self) -> Membership:
@@ -82,12 +141,314 @@ class Controller:
 
     def watch(self, epoch: int, timeout_s: float = 10.0) -> Membership:
         """The membership once its epoch differs from `epoch`, or the current one after `timeout_s`."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._membership.epoch != epoch, timeout=timeout_s)
+        with self._lock:
+            self._lock.wait_for(lambda: self._membership.epoch != epoch, timeout=timeout_s)
             return self._membership
 
+    def failovers(self) -> list[dict]:
+        """Recent failovers, oldest first."""
+        return [vars(f).copy() for f in self._failovers]
+
+    def standbys(self) -> list[str]:
+        return [p.name for p in self._standbys]
+
+    def pipeline_nodes(self) -> dict[str, list[dict]]:
+        """Each live pipeline's stage actors: node id, IP and process id (for chaos tests)."""
+        return {name: p.nodes() for name, p in list(self._pipelines.items())}
+
     def stats(self) -> dict[str, list[dict | None]]:
-        """Each replica's per-stage stats (None for a stage that did not answer)."""
-        with ThreadPoolExecutor(max(1, len(self._replicas))) as pool:
-            futures = {name: pool.submit(r.stats, 2.0) for name, r in self._replicas.items()}
-            return {name: fut.result() for name, fut in futures.items()}
+        """Each ring member's per-stage stats (None for a stage that did not answer)."""
+        with self._lock:
+            current = {sid: s.replica for sid, s in self._slots.items() if s.replica is not None}
+        with ThreadPoolExecutor(max(1, len(current))) as pool:
+            futures = {sid: pool.submit(r.stats, 2.0) for sid, r in current.items()}
+            return {sid: fut.result() for sid, fut in futures.items()}
+
+    # -- membership changes (under self._lock)
+    def _new_pipeline(self) -> Replica:
+        with self._lock:
+            self._next_pipeline += 1
+            name = f"{self.name}.p{self._next_pipeline}"
+        return Replica(self.spec, name, namespace=NAMESPACE, detached=True)
+
+    def _take_slot(self, slot: str, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
+        self._epoch += 1
+        self._slots[slot] = _Slot(pipeline, self._epoch, stages)
+        self._watch_pipeline(pipeline, stages)
+        self._tell_registry(self.registry.replica_up, slot, stages[0].address if stages else "")
+
+    def _tell_registry(self, call, *args) -> None:
+        try:
+            call(*args)
+        except Exception:  # noqa: BLE001 — the registry mirrors membership; serving does not wait on it
+            log.exception("registry call %s%s failed", getattr(call, "__name__", call), args)
+
+    def _renew_registry(self) -> None:
+        """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks)."""
+        while not self._stopped.wait(self.settings.heartbeat.interval_s):
+            with self._lock:
+                healthy = [
+                    sid for sid, s in self._slots.items()
+                    if s.replica is not None and not s.paused
+                ]
+            for sid in healthy:
+                self.registry.replica_alive(sid)
+
+    def _add_standby(self, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
+        self._standbys.append(pipeline)
+        self._watch_pipeline(pipeline, stages)
+
+    def _watch_pipeline(self, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
+        self._pipelines[pipeline.name] = pipeline
+        self._stage_infos[pipeline.name] = stages
+        for i in range(len(pipeline.actors)):
+            self.monitor.watch((pipeline.name, i))
+
+    def _drop_pipeline(self, pipeline: Replica) -> None:
+        self._pipelines.pop(pipeline.name, None)
+        self._stage_infos.pop(pipeline.name, None)
+        for i in range(len(pipeline.actors)):
+            self.monitor.forget((pipeline.name, i))
+
+    def _publish(self) -> None:
+        members = tuple(
+            Member(
+                sid, s.epoch, s.replica.head, s.stages, self.spec.max_batch, accepting=not s.paused,
+                pipeline=s.replica.name,
+            )
+            for sid, s in sorted(self._slots.items())
+            if s.replica is not None
+        )
+        self._membership = Membership(self._epoch, members)
+        self._lock.notify_all()
+        m = metrics()
+        m.ring_size.set(len(self._membership.ring_ids))
+        m.members.set(len(members))
+        self._save()
+
+    def _save(self) -> None:
+        state = {
+            "epoch": self._epoch,
+            "next_pipeline": self._next_pipeline,
+            "slots": {
+                sid: {"pipeline": s.replica.name if s.replica else None, "epoch": s.epoch, "paused": s.paused}
+                for sid, s in self._slots.items()
+            },
+            "standbys": [p.name for p in self._standbys],
+            "failovers": [vars(f) for f in self._failovers],
+        }
+        try:
+            self.registry.save(state)
+        except Exception:  # noqa: BLE001 — serving goes on; the next change saves again
+            log.exception("could not save membership to the registry")
+
+    # -- recovery after a restart
+    def _recover(self, state: dict) -> None:
+        self._epoch, self._next_pipeline = state["epoch"], state["next_pipeline"]
+        self._failovers.extend(_Failover(**f) for f in state.get("failovers", []))
+        self._started = True
+        lost_slots = []
+        for sid, saved in state["slots"].items():
+            pipeline = self._attach(saved["pipeline"])
+            if pipeline is None:
+                self._slots[sid] = _Slot(None, saved["epoch"])
+                lost_slots.append(sid)
+                continue
+            stages = _stage_infos(pipeline)
+            self._slots[sid] = _Slot(pipeline, saved["epoch"], stages, saved["paused"])
+            self._watch_pipeline(pipeline, stages)
+        for name in state["standbys"]:
+            if (pipeline := self._attach(name)) is not None:
+                self._add_standby(pipeline, _stage_infos(pipeline))
+        missing = len(lost_slots) + self.settings.standby - len(self._standbys)
+        with self._lock:
+            if lost_slots:
+                self._epoch += 1
+            self._publish()
+        log.warning("controller restarted: recovered epoch %d, %d slots", self._epoch, len(self._slots))
+        for _ in range(missing):
+            self._rebuild_later()
+
+    def _attach(self, name: str | None) -> Replica | None:
+        if name is None:
+            return None
+        try:
+            return Replica.attach(self.spec, name, NAMESPACE)
+        except (ValueError, ray.exceptions.RayError) as exc:
+            log.warning("pipeline %s is gone (%s): it will be rebuilt", name, exc)
+            return None
+
+    # -- heartbeats
+    def _watch_stages(self) -> None:
+        """The monitor loop: pings on schedule, one outstanding vigil per stage, verdicts acted on."""
+        hb = self.settings.heartbeat
+        pings: dict[ray.ObjectRef, tuple[str, int]] = {}
+        vigils: dict[ray.ObjectRef, tuple[str, int]] = {}
+        watched: set[tuple[str, int]] = set()
+        while not self._stopped.is_set():
+            with self._lock:
+                pipelines = dict(self._pipelines)
+                due = self.monitor.due()
+            for key in due:
+                pipeline = pipelines.get(key[0])
+                if pipeline is None:
+                    continue
+                ref = pipeline.actors[key[1]].ping.remote()
+                with self._lock:
+                    pings[ref] = key
+                    self.monitor.sent(key)
+            for name, pipeline in pipelines.items():
+                if (name, 0) not in watched:
+                    for i, ref in enumerate(pipeline.send_vigils()):
+                        vigils[ref] = (name, i)
+                        watched.add((name, i))
+            refs = [*pings, *vigils]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(0.05, hb.interval_s / 4)) if refs else ([], [])
+            with self._lock:
+                for ref in ready:
+                    if ref in pings:
+                        self._on_ping(pings.pop(ref), ref)
+                    else:
+                        self._on_vigil(vigils.pop(ref), ref)
+                for verdict in self.monitor.check():
+                    self._on_verdict(verdict)
+            live = set(pipelines)
+            watched = {k for k in watched if k[0] in live}
+            if not refs:
+                self._stopped.wait(hb.interval_s / 4)
+
+    def _on_ping(self, key: tuple[str, int], ref) -> None:
+        try:
+            answer = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:
+            self.monitor.unanswered(key)
+        except ray.exceptions.RayActorError as exc:
+            self.monitor.died(key, f"stage actor died: {_short(exc)}")
+        else:
+            failed = None
+            if answer["state"] in ("failed", "stopped"):
+                failed = f"stage {answer['state']}: {answer['error']}"
+            self.monitor.answered(key, failed)
+
+    def _on_vigil(self, key: tuple[str, int], ref) -> None:
+        try:
+            answer = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:
+            return  # transient: the heartbeat decides
+        except ray.exceptions.RayActorError as exc:
+            self.monitor.died(key, f"stage actor died: {_short(exc)}")
+        else:
+            self.monitor.died(key, f"stage {answer['state']}: {answer['error']}")
+
+    def _on_verdict(self, verdict: Verdict) -> None:
+        name, actor = verdict.key
+        with self._lock:
+            pipeline = self._pipelines.get(name)
+            if pipeline is None:
+                return
+            slot = next((sid for sid, s in self._slots.items() if s.replica is pipeline), None)
+            if verdict.health is Health.DEAD:
+                stage = actor // self.spec.tensor_parallel
+                self._on_death(slot, pipeline, stage, verdict)
+            elif slot is not None:
+                paused = any(self.monitor.health((name, i)) is Health.SLOW for i in range(len(pipeline.actors)))
+                if paused != self._slots[slot].paused:
+                    log.warning("%s (%s) %s: %s", slot, name, "paused" if paused else "resumed", verdict.reason)
+                    self._slots[slot].paused = paused
+                    self._epoch += 1
+                    self._publish()
+
+    def _on_death(self, slot: str | None, pipeline: Replica, stage: int, verdict: Verdict) -> None:
+        m = metrics()
+        self._drop_pipeline(pipeline)
+        if slot is None:  # a standby died
+            self._standbys.remove(pipeline)
+            action = "standby replaced"
+        else:
+            self._tell_registry(self.registry.replica_down, slot)
+            self._epoch += 1
+            if self._standbys:
+                spare = self._standbys.pop(0)
+                self._slots[slot] = _Slot(spare, self._epoch, self._stage_infos[spare.name])
+                self._tell_registry(self.registry.replica_up, slot, self._slots[slot].stages[0].address)
+                action = "standby promoted"
+            else:
+                self._slots[slot] = _Slot(None, self._epoch)
+                action = "rebuilding"
+            m.takeovers.inc(tags={"action": action})
+        m.failures_detected.inc(tags={"replica": slot or "standby", "kind": _kind(verdict.reason)})
+        m.detection_latency_s.observe(verdict.silent_s)
+        record = _Failover(time.time(), slot or "standby", pipeline.name, stage, verdict.reason, verdict.silent_s, action)
+        if action == "standby promoted":
+            record.restored_at = record.at
+        self._failovers.append(record)
+        log.warning("%s (%s) stage %d dead after %.2fs silent: %s → %s",
+                    slot or "standby", pipeline.name, stage, verdict.silent_s, verdict.reason, action)
+        self._publish()
+        threading.Thread(target=pipeline.shutdown, args=(5.0,), daemon=True).start()
+        self._rebuild_later()
+
+    # -- rebuilding
+    def _rebuild_later(self) -> None:
+        threading.Thread(target=self._rebuild, name="rebuild", daemon=True).start()
+
+    def _rebuild(self) -> None:
+        """Build a new pipeline until one starts; it fills an empty slot, else becomes a standby."""
+        backoff = self.settings.rebuild_backoff_s
+        while not self._stopped.is_set():
+            pipeline = self._new_pipeline()
+            try:
+                pipeline.start(self.settings.start_timeout_s)
+                stages = _stage_infos(pipeline)
+                break
+            except Exception as exc:  # noqa: BLE001 — try again: a node may come back
+                log.warning("rebuilding %s failed (%s); retrying in %.0fs", pipeline.name, exc, backoff)
+                pipeline.shutdown()
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+        else:
+            return
+        with self._lock:
+            if self._stopped.is_set():
+                pipeline.shutdown()
+                return
+            empty = sorted(sid for sid, s in self._slots.items() if s.replica is None)
+            if empty:
+                self._take_slot(empty[0], pipeline, stages)
+                for f in reversed(self._failovers):
+                    if f.replica_id == empty[0] and f.restored_at is None:
+                        f.restored_at = time.time()
+                        break
+            else:
+                self._add_standby(pipeline, stages)
+            self._publish()
+
+
+def _registry(settings: ControllerSettings, name: str) -> Registry:
+    if settings.consul is not None:
+        from failover.consul import ConsulRegistry
+
+        return ConsulRegistry(settings.consul)
+    return GcsRegistry(f"{name}/state", NAMESPACE)
+
+
+def _stage_infos(pipeline: Replica) -> tuple[StageInfo, ...]:
+    nodes = pipeline.nodes()
+    tp = pipeline.spec.tensor_parallel
+    return tuple(
+        StageInfo(p.index, nodes[p.index * tp]["node_id"], nodes[p.index * tp]["ip"], p.layer_start, p.layer_end)
+        for p in pipeline.plans
+    )
+
+
+def _kind(reason: str) -> str:
+    if reason.startswith("no heartbeat"):
+        return "hung"
+    if "actor died" in reason:
+        return "crashed"
+    return "broken"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -1,8 +1,13 @@
 """Membership: which pipeline replicas are on the ring, under which epoch. Plain data.
 
 The controller publishes a `Membership`; every coordinator replica builds its
-hash ring from `members` alone, so equal memberships give equal rings. The epoch
-goes up by one each time a replica joins or leaves.
+hash ring from it alone, so equal memberships give equal rings. The epoch goes
+up by one at every change: a replica joins or leaves, or is paused from new work
+(slow: still a member, so its in-flight requests go on, but off the ring).
+
+A member is one pipeline at one ring position (`replica_id`, a slot name that
+survives rebuilds) since `epoch`. Fencing keys on both: output from a member
+whose (replica_id, epoch) is no longer in the membership is dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ class Member:
     head: object = field(compare=False, repr=False)  # the head stage's Ray actor handle
     stages: tuple[StageInfo, ...] = ()
     max_batch: int = 0  # KV slots
+    accepting: bool = True  # False while paused (slow): no new work, in-flight work goes on
+    pipeline: str = ""  # the name of the stage actors' group now serving this position
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.replica_id, self.epoch)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,11 @@ class Membership:
     @property
     def replica_ids(self) -> tuple[str, ...]:
         return tuple(m.replica_id for m in self.members)
+
+    @property
+    def ring_ids(self) -> tuple[str, ...]:
+        """The members new work may be routed to."""
+        return tuple(m.replica_id for m in self.members if m.accepting)
 
     def get(self, replica_id: str) -> Member | None:
         return next((m for m in self.members if m.replica_id == replica_id), None)

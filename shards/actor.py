@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import ray
 
@@ -24,6 +25,7 @@ from shards.stage import Stage
 class StageActor:
     def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str, tp_rank: int = 0) -> None:
         self.stage = Stage(spec, plan, args, replica, tp_rank)
+        self._slow_s, self._slow_until = 0.0, 0.0
 
     async def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()
@@ -43,6 +45,24 @@ class StageActor:
         self.stage.start()
 
     async def ping(self) -> dict:
+        if self._slow_until > time.monotonic():
+            await asyncio.sleep(self._slow_s)
+        return self.stage.ping()
+
+    async def slow_heartbeats(self, delay_s: float, duration_s: float) -> None:
+        """Fault injection (chaos tooling, tests): answer pings `delay_s` late for `duration_s`,
+        as an overloaded or throttled host would; generation itself goes on."""
+        self._slow_s, self._slow_until = delay_s, time.monotonic() + duration_s
+
+    async def vigil(self, poll_s: float = 0.05) -> dict:
+        """Returns when the stage stops serving (its pipeline broke, or it shut down).
+
+        The controller keeps one call of this outstanding per stage: Ray fails it the moment
+        the actor dies, and it returns the moment the stage fails — death is seen in
+        milliseconds, not at the next heartbeat.
+        """
+        while self.stage.state.value in ("starting", "serving"):
+            await asyncio.sleep(poll_s)
         return self.stage.ping()
 
     async def stats(self) -> dict:

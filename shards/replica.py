@@ -52,9 +52,16 @@ def make_request(
 
 
 class Replica:
-    def __init__(self, spec: ReplicaSpec, name: str | None = None) -> None:
+    """`detached=True` (with a `namespace`): the placement group and stage actors outlive their
+    creator and are named `{name}.pg` / `{name}.stage-{i}.tp{t}`, so a restarted controller can
+    `attach` to them by name."""
+
+    def __init__(
+        self, spec: ReplicaSpec, name: str | None = None, namespace: str | None = None, detached: bool = False
+    ) -> None:
         self.spec = spec
-        self.name = name or f"replica-{next(_counter)}"
+        self.name = name or f"replica-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+        self.namespace, self.detached = namespace, detached
         self.args = read_model_args(spec.model_dir)
         self.plans: list[StagePlan] = plan_stages(
             self.args, spec.stages, spec.max_batch, spec.max_seq_len, spec.torch_dtype
@@ -68,6 +75,23 @@ class Replica:
     def head(self):
         return self.actors[0]
 
+    @property
+    def pg_name(self) -> str:
+        return f"{self.name}.pg"
+
+    @property
+    def actor_names(self) -> list[str]:
+        tp = self.spec.tensor_parallel
+        return [f"{self.name}.stage-{p.index}.tp{t}" for p in self.plans for t in range(tp)]
+
+    @classmethod
+    def attach(cls, spec: ReplicaSpec, name: str, namespace: str) -> Replica:
+        """The running detached replica `name`; raises ValueError if any of its actors is gone."""
+        replica = cls(spec, name, namespace, detached=True)
+        replica.actors = [ray.get_actor(n, namespace=namespace) for n in replica.actor_names]
+        replica._pg = ray.util.get_placement_group(replica.pg_name)
+        return replica
+
     def start(self, timeout_s: float = 300.0) -> list[dict]:
         """Place, connect, load and start every stage; returns each stage's memory report."""
         spec = self.spec
@@ -75,18 +99,23 @@ class Replica:
         # one bundle (one process) per tensor-parallel rank of every stage: rank = stage * tp + t
         bundle = {"CPU": spec.cpus_per_stage, **({"GPU": 1} if spec.device == "cuda" else {})}
         ranks = [(plan, t) for plan in self.plans for t in range(tp)]
-        self._pg = placement_group([dict(bundle) for _ in ranks], strategy=spec.placement_strategy)
-        ray.get(self._pg.ready(), timeout=timeout_s)
-        self.actors = [
-            StageActor.options(
-                num_cpus=spec.cpus_per_stage,
-                num_gpus=1 if spec.device == "cuda" else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
-                name=f"{self.name}.stage-{plan.index}.tp{t}-{uuid.uuid4().hex[:6]}",
-            ).remote(spec, plan, self.args, self.name, t)
-            for i, (plan, t) in enumerate(ranks)
-        ]
+        lifetime = {"lifetime": "detached"} if self.detached else {}
+        self._pg = placement_group(
+            [dict(bundle) for _ in ranks], strategy=spec.placement_strategy, name=self.pg_name, **lifetime
+        )
         try:
+            ray.get(self._pg.ready(), timeout=timeout_s)
+            self.actors = [
+                StageActor.options(
+                    num_cpus=spec.cpus_per_stage,
+                    num_gpus=1 if spec.device == "cuda" else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                    name=name,
+                    namespace=self.namespace,
+                    **lifetime,
+                ).remote(spec, plan, self.args, self.name, t)
+                for i, ((plan, t), name) in enumerate(zip(ranks, self.actor_names, strict=True))
+            ]
             host, port = ray.get(self.head.rendezvous.remote(), timeout=timeout_s)
             ray.get([a.connect.remote(host, port) for a in self.actors], timeout=timeout_s)
             memory = ray.get([a.load.remote() for a in self.actors], timeout=timeout_s)
@@ -135,6 +164,14 @@ class Replica:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 out.append(None)
         return out
+
+    def send_pings(self) -> list:
+        """One `ping` call per stage actor (refs, in actor order), for a monitor that waits on them."""
+        return [a.ping.remote() for a in self.actors]
+
+    def send_vigils(self) -> list:
+        """One `vigil` call per stage actor: each fails when its actor dies, returns when its stage fails."""
+        return [a.vigil.remote() for a in self.actors]
 
     def stats(self, timeout_s: float = 5.0) -> list[dict | None]:
         out: list[dict | None] = []

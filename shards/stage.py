@@ -195,7 +195,7 @@ class Stage:
         self._inbox.put(_Cancel(request_id))
 
     def ping(self) -> dict:
-        return {"stage": self.plan.index, "state": self.state.value, "time": time.time()}
+        return {"stage": self.plan.index, "state": self.state.value, "error": self.error, "time": time.time()}
 
     def stats(self) -> dict:
         s = self.scheduler

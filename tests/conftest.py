@@ -6,11 +6,14 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1
 
+import random
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from cluster.config import parse_config
 from shards.create import RandomModelSpec, create_random_checkpoint
 
 
@@ -36,12 +39,65 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster on 127.0.0.1, shared by every test that needs one."""
+def local_cluster():
+    """The session's real multi-node Ray cluster on 127.0.0.1: a head (no CPUs) and 3 worker nodes
+    of 6 CPUs, each its own raylet (`ray.cluster_utils.Cluster`), so tests can kill a node."""
     import ray
 
-    from cluster.local import init_ray
+    from cluster.local import start_local_cluster
 
-    init_ray(num_cpus=16)
-    yield ray
+    cluster = start_local_cluster(nodes=3, cpus_per_node=6)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_cluster):
+    """The `ray` module, connected to the session's cluster."""
+    import ray
+
+    return ray
+
+
+VOCAB = 512
+MAX_BATCH, MAX_QUEUE, REPLICAS, STANDBY = 4, 28, 2, 1  # 2 × (4 + 28) = 64 requests fit at once
+
+
+def free_port() -> int:
+    """A free loopback port from 20000-32767: below the kernel's ephemeral range (where bind(0) and
+    every outgoing connection draw from, so a port picked there can be taken before Serve binds it)
+    and above Ray's worker ports (10002-19999)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+@pytest.fixture(scope="session")
+def service_checkpoint(make_checkpoint):
+    return make_checkpoint("llama", tokenizer=True, vocab=VOCAB, layers=4, hidden=64)
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, service_checkpoint):
+    """The session's ringpipe service: 2 replicas × 2 stages + 1 standby, 2 coordinators, gRPC on a
+    free loopback port, default heartbeats; no auth. Failover tests kill parts of it and wait until
+    it has converged back before they end."""
+    from cluster.serve import start_service
+
+    cfg = parse_config({
+        "model": {"path": str(service_checkpoint)},
+        "pipeline": {"stages": 2, "max_batch": MAX_BATCH, "max_queue": MAX_QUEUE, "max_seq_len": 512,
+                     "prefill_chunk": 32},
+        "replicas": {"count": REPLICAS, "standby": STANDBY},
+        "server": {"port": free_port(), "http_port": free_port(), "coordinators": 2, "max_new_tokens": 480},
+    })
+    svc = start_service(cfg, progress=False)
+    yield svc
+    svc.shutdown()

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.client import AsyncClient, Client, RingpipeError
 from protos.ringpipe.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from protos.ringpipe.v1 import inference_pb2 as pb
-from tests.coordinator.conftest import MAX_BATCH, MAX_QUEUE, REPLICAS, VOCAB
+from tests.conftest import MAX_BATCH, MAX_QUEUE, REPLICAS, VOCAB
 from tests.reference import hf_greedy, wait_for
 
 PROMPTS = [(5, 17, 99, 3), (44, 8, 250, 7, 301), (1, 2, 3, 4, 5, 6), (400, 12), (77, 78, 79), (310, 9, 9, 140)]
@@ -305,10 +305,12 @@ def test_bearer_token_auth(service, stubs):
 def test_no_live_replica_is_unavailable(service, stubs, ray_cluster):
     from ray import serve
 
-    from failover.controller import NAMESPACE, Controller
+    from failover.controller import NAMESPACE, Controller, ControllerSettings
 
     # a controller whose replicas never started: its membership is empty
-    empty = Controller.options(name="empty-controller", namespace=NAMESPACE).remote(service.cfg.replica_spec(), 1)
+    empty = Controller.options(name="empty-controller", namespace=NAMESPACE).remote(
+        service.cfg.replica_spec(), ControllerSettings(replicas=1), "empty-controller"
+    )
     app = _deploy(service, "empty", controller="empty-controller")
     try:
         req = pb.GenerateRequest(max_new_tokens=3)

@@ -14,23 +14,47 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICA_STATE_SERVING: _ClassVar[ReplicaState]
     REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
     REPLICA_STATE_DEAD: _ClassVar[ReplicaState]
+    REPLICA_STATE_PAUSED: _ClassVar[ReplicaState]
 REPLICA_STATE_UNSPECIFIED: ReplicaState
 REPLICA_STATE_STARTING: ReplicaState
 REPLICA_STATE_SERVING: ReplicaState
 REPLICA_STATE_DRAINING: ReplicaState
 REPLICA_STATE_DEAD: ReplicaState
+REPLICA_STATE_PAUSED: ReplicaState
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("epoch", "replicas")
+    __slots__ = ("epoch", "replicas", "failovers", "standbys")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    STANDBYS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    failovers: _containers.RepeatedCompositeFieldContainer[Failover]
+    standbys: int
+    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ..., standbys: _Optional[int] = ...) -> None: ...
+
+class Failover(_message.Message):
+    __slots__ = ("at_unix_s", "replica_id", "stage", "reason", "silent_s", "action", "restored_at_unix_s")
+    AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SILENT_S_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    at_unix_s: float
+    replica_id: str
+    stage: int
+    reason: str
+    silent_s: float
+    action: str
+    restored_at_unix_s: float
+    def __init__(self, at_unix_s: _Optional[float] = ..., replica_id: _Optional[str] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ..., silent_s: _Optional[float] = ..., action: _Optional[str] = ..., restored_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes")

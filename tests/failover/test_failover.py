@@ -1,0 +1,307 @@
+"""Failover on a real multi-node local Ray cluster (a head and 3 worker nodes, each its own raylet),
+through Serve's real gRPC proxy, with streams running while something breaks.
+
+Every test breaks one thing mid-stream and asserts the invariants: every stream completes; its
+tokens are the failure-free ones (greedy: transformers' greedy loop; seeded sampling: the same
+request run again once the cluster has converged), each delivered once, offsets contiguous;
+streams of the broken replica end on another ring member. Each test ends by waiting until the
+cluster has converged back (every ring position served, the standby rebuilt), so the next test
+starts whole.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import pytest
+import ray
+
+from cluster import chaos
+from coordinator.client import Client
+from protos.ringpipe.v1 import admin_pb2
+from tests.conftest import REPLICAS, STANDBY
+from tests.reference import hf_greedy, wait_for
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [(5, 17, 99, 3), (8, 8, 1, 40, 41), (300, 12), (77, 78, 79, 80, 81, 82), (9, 250), (60, 61, 62)]
+NEW_TOKENS = 400
+SEED = 1234
+
+
+class Streams:
+    """Streams running in threads; each keeps every piece it received."""
+
+    def __init__(self, target: str, requests: list[dict]) -> None:
+        self.requests = requests
+        self.pieces: list[list] = [[] for _ in requests]
+        self.errors: list[BaseException | None] = [None] * len(requests)
+        self.threads = [threading.Thread(target=self._run, args=(i, target), daemon=True) for i in range(len(requests))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int, target: str) -> None:
+        r = self.requests[i]
+        try:
+            # patient: a node can take every replica with it for the seconds a rebuild takes
+            with Client(target, retries=40, max_backoff_s=2.0) as client:
+                for piece in client.stream(r["prompt"], NEW_TOKENS, ignore_eos=True, timeout_s=240, **r["options"]):
+                    self.pieces[i].append(piece)
+        except BaseException as exc:  # noqa: BLE001 — asserted by the test
+            self.errors[i] = exc
+
+    def tokens(self, i: int) -> list[int]:
+        return [t for p in self.pieces[i] for t in p.token_ids]
+
+    def wait_running(self, n: int = 6) -> None:
+        """Until at least half the streams are under way: `n` tokens in, far from done."""
+
+        def running() -> bool:
+            under_way = sum(n <= len(self.tokens(i)) < NEW_TOKENS // 2 for i in range(len(self.requests)))
+            return under_way >= len(self.requests) // 2
+
+        wait_for(running, 60, "streams to be under way")
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in self.threads), "a stream did not finish"
+        assert self.errors == [None] * len(self.requests), self.errors
+
+    def busiest(self) -> str:
+        """The ring position serving most streams now."""
+        return Counter(p[-1].replica_id for p in self.pieces if p).most_common(1)[0][0]
+
+    def on(self, member: tuple[str, int]) -> list[int]:
+        """Streams still running on `member` now."""
+        return [
+            i for i, p in enumerate(self.pieces)
+            if p and p[-1].finish_reason is None and (p[-1].replica_id, p[-1].epoch) == member
+        ]
+
+    def moved(self, streams: list[int], member: tuple[str, int]) -> list[int]:
+        """Those of `streams` that ended on another member than `member`."""
+        return [i for i in streams if self.members(i)[-1] != member]
+
+    def members(self, i: int) -> list[tuple[str, int]]:
+        """The (replica, epoch) members stream i was served by, in order, without repeats."""
+        out: list[tuple[str, int]] = []
+        for p in self.pieces[i]:
+            if p.replica_id and (not out or out[-1] != (p.replica_id, p.epoch)):
+                out.append((p.replica_id, p.epoch))
+        return out
+
+
+def requests() -> list[dict]:
+    """Greedy prompts, and two seeded-sampling ones."""
+    out = [{"prompt": list(p), "options": {}} for p in PROMPTS]
+    out.append({"prompt": [11, 12, 13], "options": {"temperature": 0.9, "top_p": 0.95, "seed": SEED}})
+    out.append({"prompt": [200, 3], "options": {"temperature": 1.3, "top_k": 50, "seed": SEED + 1}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def controller(service):
+    from failover.controller import CONTROLLER_NAME, NAMESPACE
+
+    return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with Client(service.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def expected(service, service_checkpoint, client):
+    """Failure-free outputs: transformers for greedy requests, the undisturbed service for sampled ones."""
+    out = []
+    for r in requests():
+        if r["options"]:
+            out.append(client.generate(r["prompt"], NEW_TOKENS, ignore_eos=True, **r["options"]).token_ids)
+        else:
+            out.append(hf_greedy(service_checkpoint, tuple(r["prompt"]), NEW_TOKENS))
+    return out
+
+
+def converged(controller) -> bool:
+    membership = ray.get(controller.membership.remote())
+    standbys = ray.get(controller.standbys.remote())
+    return len(membership.ring_ids) == REPLICAS and len(standbys) == STANDBY
+
+
+def wait_converged(controller, client) -> None:
+    wait_for(lambda: converged(controller), 180, "the cluster to converge back (ring full, standby rebuilt)")
+    status = client.status()
+    assert [r.state for r in status.replicas] == [admin_pb2.REPLICA_STATE_SERVING] * REPLICAS
+
+
+def check_streams(streams: Streams, expected: list[list[int]]) -> None:
+    streams.join()
+    for i in range(len(expected)):
+        offsets = [p.offset for p in streams.pieces[i]]
+        lengths = [len(p.token_ids) for p in streams.pieces[i]]
+        assert offsets == [sum(lengths[:k]) for k in range(len(lengths))], f"stream {i}: offsets not contiguous"
+        assert streams.tokens(i) == expected[i], f"stream {i} differs from the failure-free run"
+        assert streams.pieces[i][-1].finish_reason == "length"
+
+
+def new_failovers(controller, before: int) -> list[dict]:
+    return ray.get(controller.failovers.remote())[before:]
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["head", "last-stage"])
+def test_killed_stage_actor_mid_stream(service, controller, client, expected, stage):
+    wait_converged(controller, client)
+    before = len(ray.get(controller.failovers.remote()))
+    epoch = ray.get(controller.membership.remote()).epoch
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    victim = chaos.stage_process(controller, streams.busiest(), stage)
+    old = (victim.replica_id, victim.epoch)
+    hit = streams.on(old)
+    chaos.kill_stage(victim)
+    check_streams(streams, expected)
+    # they went on elsewhere: another position, or the standby promoted into this one
+    assert streams.moved(hit, old), "no stream was running on the killed replica"
+    (failover,) = [f for f in new_failovers(controller, before) if f["pipeline"] == victim.pipeline]
+    assert failover["replica_id"] == victim.replica_id and failover["stage"] == stage
+    assert "died" in failover["reason"] or "stage failed" in failover["reason"]
+    assert failover["action"] == "standby promoted"
+    membership = ray.get(controller.membership.remote())
+    assert membership.epoch > epoch and victim.pipeline not in {m.pipeline for m in membership.members}
+    status = client.status()
+    assert any(f.replica_id == victim.replica_id and f.action == "standby promoted" for f in status.failovers)
+    wait_converged(controller, client)
+
+
+def test_killed_worker_node_mid_stream(service, local_cluster, controller, client, expected):
+    wait_converged(controller, client)
+    before = len(ray.get(controller.failovers.remote()))
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    victim = chaos.stage_process(controller, streams.busiest(), 1)
+    nodes_before = {p: [n["node_id"] for n in ns] for p, ns in ray.get(controller.pipeline_nodes.remote()).items()}
+    doomed = {p for p, ns in nodes_before.items() if victim.node_id in ns}
+    chaos.kill_node(local_cluster, victim.node_id)
+    try:
+        check_streams(streams, expected)
+        wait_for(
+            lambda: doomed <= {f["pipeline"] for f in new_failovers(controller, before)}, 60,
+            "every pipeline with a stage on the dead node to be declared dead",
+        )
+    finally:
+        local_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=256 << 20, num_cpus=6)
+    wait_converged(controller, client)
+    live_nodes = {n["node_id"] for ns in ray.get(controller.pipeline_nodes.remote()).values() for n in ns}
+    assert victim.node_id not in live_nodes
+
+
+def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, expected):
+    wait_converged(controller, client)
+    before = len(ray.get(controller.failovers.remote()))
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    victim = chaos.stage_process(controller, streams.busiest(), 0)
+    old = (victim.replica_id, victim.epoch)
+    hit = streams.on(old)
+    chaos.pause_stage(victim)
+    try:
+        wait_for(lambda: new_failovers(controller, before), 30, "the paused stage to be declared dead")
+    finally:
+        chaos.resume_stage(victim)  # it runs again: anything it still sends must be dropped
+    (failover,) = new_failovers(controller, before)
+    assert failover["pipeline"] == victim.pipeline and failover["reason"].startswith("no heartbeat")
+    assert failover["silent_s"] >= 3.0  # failover.heartbeat.timeout_s
+    check_streams(streams, expected)
+    assert hit and streams.moved(hit, old) == hit  # a paused head cannot finish them: all moved
+    for i in hit:
+        served = streams.members(i)
+        assert old not in served[served.index(old) + 1 :], f"stream {i} took tokens from the fenced replica"
+    wait_converged(controller, client)
+
+
+def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, client, expected):
+    wait_converged(controller, client)
+    before = len(ray.get(controller.failovers.remote()))
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    victim = chaos.stage_process(controller, streams.busiest(), 1)
+    chaos.slow_stage(victim, delay_s=0.3, duration_s=4.0)  # > 200 ms, 5 times in a row within ~4 s
+
+    def paused() -> bool:
+        member = ray.get(controller.membership.remote()).get(victim.replica_id)
+        return member is not None and not member.accepting
+
+    wait_for(paused, 30, "the slow replica to be paused")
+    status = client.status()
+    assert {r.replica_id: r.state for r in status.replicas}[victim.replica_id] == admin_pb2.REPLICA_STATE_PAUSED
+    for k in range(6):  # new work goes elsewhere while it is paused
+        done = client.generate([k + 1, k + 2], 2, session_id=f"slow-{k}")
+        assert done.replica_id != victim.replica_id
+    check_streams(streams, expected)  # its in-flight work went on
+    assert new_failovers(controller, before) == []
+    member = ray.get(controller.membership.remote()).get(victim.replica_id)
+    assert member.pipeline == victim.pipeline and member.epoch >= victim.epoch  # same pipeline, not replaced
+    wait_for(lambda: not paused(), 30, "the pause to end")
+    wait_converged(controller, client)
+
+
+def test_killed_controller_recovers_membership(service, controller, client, expected):
+    wait_converged(controller, client)
+    membership = ray.get(controller.membership.remote())
+    standbys = ray.get(controller.standbys.remote())
+    failovers = ray.get(controller.failovers.remote())
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    chaos.kill_controller(controller)
+    check_streams(streams, expected)  # the controller is not on the data path
+
+    def answers() -> bool:
+        try:
+            ray.get(controller.membership.remote(), timeout=5)
+            return True
+        except ray.exceptions.RayError:
+            return False
+
+    wait_for(answers, 60, "the controller to restart")
+    after = ray.get(controller.membership.remote())
+    assert after.epoch == membership.epoch
+    assert [(m.replica_id, m.epoch, m.pipeline) for m in after.members] == [
+        (m.replica_id, m.epoch, m.pipeline) for m in membership.members
+    ]
+    assert ray.get(controller.standbys.remote()) == standbys
+    assert ray.get(controller.failovers.remote()) == failovers
+    # the restarted controller still watches: a stage killed now is taken over
+    victim = chaos.stage_process(controller, after.members[0].replica_id, 1)
+    chaos.kill_stage(victim)
+    wait_for(
+        lambda: [f for f in ray.get(controller.failovers.remote())[len(failovers):] if f["pipeline"] == victim.pipeline],
+        30, "the restarted controller to detect a death",
+    )
+    wait_converged(controller, client)
+
+
+def test_killed_coordinator_replica_client_resumes(service, controller, client, expected):
+    wait_converged(controller, client)
+    streams = Streams(service.target, requests())
+    streams.wait_running()
+    # Serve's proxy (on the head) prefers coordinators on its own node: kill one of those, it has streams
+    actors = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
+    proxy_node = next(a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ProxyActor")
+    coordinators = [a for a in actors if (a["Name"] or "").startswith("SERVE_REPLICA::ringpipe#")]
+    assert len(coordinators) == 2, coordinators
+    busy = [a for a in coordinators if a["Address"]["NodeID"] == proxy_node] or coordinators
+    ray.kill(ray.get_actor(busy[0]["Name"], namespace="serve"), no_restart=True)
+    check_streams(streams, expected)
+    resumed = [i for i in range(len(expected)) if any(p.resumes for p in streams.pieces[i])]
+    assert resumed, "no stream was on the killed coordinator"
+
+    def idle() -> bool:  # nothing is left running on the heads
+        return all(r.in_flight == 0 and r.queue_depth == 0 for r in client.status().replicas)
+
+    wait_for(idle, 60, "the heads to drop the lost coordinator's orphaned requests")
+    # Serve replaces the coordinator; the service keeps answering meanwhile
+    assert client.generate(PROMPTS[0], 8).token_ids == expected[0][:8]
