@@ -10,11 +10,12 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from coordinator.client import Client, RingpipeError
 
 TOKEN_ENV = "RINGPIPE_TOKEN"  # the bearer token, when the server asks for one
-STATES = {0: "unspecified", 1: "starting", 2: "serving", 3: "draining", 4: "dead"}
+STATES = {0: "unspecified", 1: "starting", 2: "serving", 3: "draining", 4: "dead", 5: "paused"}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -83,14 +84,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
         for r in status.replicas
     ]
+    failovers = [
+        {
+            "at_unix_s": f.at_unix_s, "replica_id": f.replica_id, "stage": f.stage, "reason": f.reason,
+            "silent_s": round(f.silent_s, 3), "action": f.action,
+            "restored_at_unix_s": f.restored_at_unix_s or None,
+        }
+        for f in status.failovers
+    ]
     if args.json:
-        print(json.dumps({"epoch": status.epoch, "replicas": replicas}))
+        print(json.dumps({"epoch": status.epoch, "standbys": status.standbys, "replicas": replicas,
+                          "failovers": failovers}))
         return 0
-    print(f"epoch {status.epoch}, {len(replicas)} replicas")
+    print(f"epoch {status.epoch}, {len(replicas)} replicas, {status.standbys} standby")
     for r in replicas:
         nodes = ", ".join(f"stage {s['index']} {s['address']} ({s['node_id'][:8]})" for s in r["stages"])
         print(
-            f"  {r['replica_id']:<12} {r['state']:<8} share {r['ring_share']:.3f}  in-flight {r['in_flight']}"
-            f"  queued {r['queue_depth']}  free slots {r['free_slots']}/{r['total_slots']}  [{nodes}]"
+            f"  {r['replica_id']:<12} {r['state']:<8} epoch {r['epoch']:<4} share {r['ring_share']:.3f}"
+            f"  in-flight {r['in_flight']}  queued {r['queue_depth']}  free slots {r['free_slots']}/{r['total_slots']}"
+            f"  [{nodes}]"
         )
+    if failovers:
+        print(f"recent failovers ({len(failovers)}):")
+    for f in failovers[-10:]:
+        when = time.strftime("%H:%M:%S", time.localtime(f["at_unix_s"]))
+        restored = f["restored_at_unix_s"]
+        back = f"back after {restored - f['at_unix_s']:.1f}s" if restored else "not yet restored"
+        print(f"  {when} {f['replica_id']} stage {f['stage']}: {f['reason']} → {f['action']}, {back}")
     return 0

@@ -132,8 +132,8 @@ def start_service(
         mode = init_ray(address)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # beside this driver (the head, in local mode) while that node lives; anywhere after a restart
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # on the head node (where the GCS lives, the last node to go) while it lives; anywhere after a restart
+    here = NodeAffinitySchedulingStrategy(head_node_id(), soft=True)
     controller = Controller.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here
     ).remote(
@@ -160,6 +160,16 @@ def start_service(
         Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise
     return Service(cfg, mode, target, controller, owns_ray, local_cluster)
+
+
+def head_node_id() -> str:
+    """The Ray head node's id (it holds the `node:__internal_head__` resource)."""
+    import ray
+
+    return next(
+        (n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n.get("Resources", {})),
+        ray.get_runtime_context().get_node_id(),
+    )
 
 
 def wait_serving(target: str, timeout_s: float) -> None:

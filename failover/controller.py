@@ -244,78 +244,91 @@ class Controller:
 
     # -- recovery after a restart
     def _recover(self, state: dict) -> None:
+        """Attach to the pipelines a previous incarnation saved; those gone are taken over as if dead."""
         self._epoch, self._next_pipeline = state["epoch"], state["next_pipeline"]
         self._failovers.extend(_Failover(**f) for f in state.get("failovers", []))
         self._started = True
-        lost_slots = []
-        for sid, saved in state["slots"].items():
-            pipeline = self._attach(saved["pipeline"])
-            if pipeline is None:
-                self._slots[sid] = _Slot(None, saved["epoch"])
-                lost_slots.append(sid)
-                continue
-            stages = _stage_infos(pipeline)
-            self._slots[sid] = _Slot(pipeline, saved["epoch"], stages, saved["paused"])
-            self._watch_pipeline(pipeline, stages)
         for name in state["standbys"]:
-            if (pipeline := self._attach(name)) is not None:
-                self._add_standby(pipeline, _stage_infos(pipeline))
-        missing = len(lost_slots) + self.settings.standby - len(self._standbys)
+            found = self._attach(name)
+            if isinstance(found, tuple):
+                self._add_standby(*found)
+        lost = []
+        for sid, saved in state["slots"].items():
+            found = self._attach(saved["pipeline"])
+            if isinstance(found, tuple):
+                pipeline, stages = found
+                self._slots[sid] = _Slot(pipeline, saved["epoch"], stages, saved["paused"])
+                self._watch_pipeline(pipeline, stages)
+            else:
+                self._slots[sid] = _Slot(None, saved["epoch"])
+                if saved["pipeline"] is not None:
+                    lost.append((sid, saved["pipeline"], found))
         with self._lock:
-            if lost_slots:
-                self._epoch += 1
+            for sid, name, why in lost:
+                self._take_over(sid, name, 0, f"pipeline gone when the controller restarted: {why}", 0.0)
             self._publish()
-        log.warning("controller restarted: recovered epoch %d, %d slots", self._epoch, len(self._slots))
+            missing = sum(s.replica is None for s in self._slots.values()) + self.settings.standby - len(self._standbys)
+        log.warning("controller restarted: recovered epoch %d, %d slots, %d lost", self._epoch, len(self._slots), len(lost))
         for _ in range(missing):
             self._rebuild_later()
 
-    def _attach(self, name: str | None) -> Replica | None:
+    def _attach(self, name: str | None) -> tuple[Replica, tuple[StageInfo, ...]] | str:
+        """The running pipeline `name` and where its stages are; else why it cannot be used."""
         if name is None:
-            return None
+            return "no pipeline"
         try:
-            return Replica.attach(self.spec, name, NAMESPACE)
+            pipeline = Replica.attach(self.spec, name, NAMESPACE)
+            return pipeline, _stage_infos(pipeline, timeout_s=self.settings.heartbeat.timeout_s)
         except (ValueError, ray.exceptions.RayError) as exc:
-            log.warning("pipeline %s is gone (%s): it will be rebuilt", name, exc)
-            return None
+            log.warning("pipeline %s is gone (%s): it will be rebuilt", name, _short(exc))
+            return _short(exc)
 
     # -- heartbeats
     def _watch_stages(self) -> None:
         """The monitor loop: pings on schedule, one outstanding vigil per stage, verdicts acted on."""
-        hb = self.settings.heartbeat
         pings: dict[ray.ObjectRef, tuple[str, int]] = {}
         vigils: dict[ray.ObjectRef, tuple[str, int]] = {}
         watched: set[tuple[str, int]] = set()
         while not self._stopped.is_set():
+            try:
+                watched = self._heartbeat_round(pings, vigils, watched)
+            except Exception:  # noqa: BLE001 — the monitor must outlive any one bad round
+                log.exception("heartbeat round failed")
+                self._stopped.wait(self.settings.heartbeat.interval_s)
+
+    def _heartbeat_round(self, pings: dict, vigils: dict, watched: set) -> set:
+        """Send the pings due and a vigil to every new stage, take in what came back, act on verdicts."""
+        hb = self.settings.heartbeat
+        with self._lock:
+            pipelines = dict(self._pipelines)
+            due = self.monitor.due()
+        for key in due:
+            pipeline = pipelines.get(key[0])
+            if pipeline is None:
+                continue
+            ref = pipeline.actors[key[1]].ping.remote()
             with self._lock:
-                pipelines = dict(self._pipelines)
-                due = self.monitor.due()
-            for key in due:
-                pipeline = pipelines.get(key[0])
-                if pipeline is None:
-                    continue
-                ref = pipeline.actors[key[1]].ping.remote()
-                with self._lock:
-                    pings[ref] = key
-                    self.monitor.sent(key)
-            for name, pipeline in pipelines.items():
-                if (name, 0) not in watched:
-                    for i, ref in enumerate(pipeline.send_vigils()):
-                        vigils[ref] = (name, i)
-                        watched.add((name, i))
-            refs = [*pings, *vigils]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(0.05, hb.interval_s / 4)) if refs else ([], [])
-            with self._lock:
-                for ref in ready:
-                    if ref in pings:
-                        self._on_ping(pings.pop(ref), ref)
-                    else:
-                        self._on_vigil(vigils.pop(ref), ref)
-                for verdict in self.monitor.check():
-                    self._on_verdict(verdict)
-            live = set(pipelines)
-            watched = {k for k in watched if k[0] in live}
-            if not refs:
-                self._stopped.wait(hb.interval_s / 4)
+                pings[ref] = key
+                self.monitor.sent(key)
+        for name, pipeline in pipelines.items():
+            if (name, 0) not in watched:
+                for i, ref in enumerate(pipeline.send_vigils()):
+                    vigils[ref] = (name, i)
+                    watched.add((name, i))
+        refs = [*pings, *vigils]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=min(0.05, hb.interval_s / 4)) if refs else ([], [])
+        with self._lock:
+            for ref in ready:
+                if ref in pings:
+                    self._on_ping(pings.pop(ref), ref)
+                else:
+                    self._on_vigil(vigils.pop(ref), ref)
+            for verdict in self.monitor.check():
+                self._on_verdict(verdict)
+        live = set(pipelines)
+        if not refs:
+            self._stopped.wait(hb.interval_s / 4)
+        return {k for k in watched if k[0] in live}
 
     def _on_ping(self, key: tuple[str, int], ref) -> None:
         try:
@@ -324,6 +337,8 @@ class Controller:
             self.monitor.unanswered(key)
         except ray.exceptions.RayActorError as exc:
             self.monitor.died(key, f"stage actor died: {_short(exc)}")
+        except ray.exceptions.RayError:  # no proof of death (a node going away, say): the timeout decides
+            self.monitor.unanswered(key)
         else:
             failed = None
             if answer["state"] in ("failed", "stopped"):
@@ -337,6 +352,8 @@ class Controller:
             return  # transient: the heartbeat decides
         except ray.exceptions.RayActorError as exc:
             self.monitor.died(key, f"stage actor died: {_short(exc)}")
+        except ray.exceptions.RayError:
+            return  # no proof of death: the heartbeat decides
         else:
             self.monitor.died(key, f"stage {answer['state']}: {answer['error']}")
 
@@ -359,12 +376,19 @@ class Controller:
                     self._publish()
 
     def _on_death(self, slot: str | None, pipeline: Replica, stage: int, verdict: Verdict) -> None:
-        m = metrics()
         self._drop_pipeline(pipeline)
         if slot is None:  # a standby died
             self._standbys.remove(pipeline)
-            action = "standby replaced"
-        else:
+        self._take_over(slot, pipeline.name, stage, verdict.reason, verdict.silent_s)
+        self._publish()
+        threading.Thread(target=pipeline.shutdown, args=(5.0,), daemon=True).start()
+        self._rebuild_later()
+
+    def _take_over(self, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> None:
+        """Hand a dead pipeline's ring position to a standby (or leave it for the rebuild); record it."""
+        m = metrics()
+        action = "standby replaced"
+        if slot is not None:
             self._tell_registry(self.registry.replica_down, slot)
             self._epoch += 1
             if self._standbys:
@@ -376,17 +400,14 @@ class Controller:
                 self._slots[slot] = _Slot(None, self._epoch)
                 action = "rebuilding"
             m.takeovers.inc(tags={"action": action})
-        m.failures_detected.inc(tags={"replica": slot or "standby", "kind": _kind(verdict.reason)})
-        m.detection_latency_s.observe(verdict.silent_s)
-        record = _Failover(time.time(), slot or "standby", pipeline.name, stage, verdict.reason, verdict.silent_s, action)
+        m.failures_detected.inc(tags={"replica": slot or "standby", "kind": _kind(reason)})
+        m.detection_latency_s.observe(silent_s)
+        record = _Failover(time.time(), slot or "standby", pipeline, stage, reason, silent_s, action)
         if action == "standby promoted":
             record.restored_at = record.at
         self._failovers.append(record)
         log.warning("%s (%s) stage %d dead after %.2fs silent: %s → %s",
-                    slot or "standby", pipeline.name, stage, verdict.silent_s, verdict.reason, action)
-        self._publish()
-        threading.Thread(target=pipeline.shutdown, args=(5.0,), daemon=True).start()
-        self._rebuild_later()
+                    slot or "standby", pipeline, stage, silent_s, reason, action)
 
     # -- rebuilding
     def _rebuild_later(self) -> None:
@@ -432,8 +453,8 @@ def _registry(settings: ControllerSettings, name: str) -> Registry:
     return GcsRegistry(f"{name}/state", NAMESPACE)
 
 
-def _stage_infos(pipeline: Replica) -> tuple[StageInfo, ...]:
-    nodes = pipeline.nodes()
+def _stage_infos(pipeline: Replica, timeout_s: float | None = None) -> tuple[StageInfo, ...]:
+    nodes = pipeline.nodes(timeout_s)
     tp = pipeline.spec.tensor_parallel
     return tuple(
         StageInfo(p.index, nodes[p.index * tp]["node_id"], nodes[p.index * tp]["ip"], p.layer_start, p.layer_end)

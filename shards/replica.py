@@ -182,8 +182,9 @@ class Replica:
                 out.append(None)
         return out
 
-    def nodes(self) -> list[dict]:
-        return ray.get([a.node.remote() for a in self.actors])
+    def nodes(self, timeout_s: float | None = None) -> list[dict]:
+        """Each stage actor's node id, IP and process id; raises GetTimeoutError past `timeout_s`."""
+        return ray.get([a.node.remote() for a in self.actors], timeout=timeout_s)
 
     def _diagnose(self, detail: str) -> str:
         pings = self.ping()

@@ -111,6 +111,14 @@ def test_serve_yaml_is_valid_and_needs_its_token(monkeypatch):
         ({"server": {"max_request_bytes": 10}}, "server.max_request_bytes"),
         ({"pipeline": {"max_queue": -1}}, "pipeline.max_queue"),
         ({"server": {"colour": "red"}}, "server.colour"),
+        ({"replicas": {"standby": -1}}, "replicas.standby"),
+        ({"failover": {"heartbeat": {"interval_s": 3, "timeout_s": 3}}}, "failover.heartbeat"),
+        ({"failover": {"heartbeat": {"slow": {"count": 0}}}}, "failover.heartbeat.slow.count"),
+        ({"failover": {"heartbeat": {"slow": {"threshold_ms": 0}}}}, "failover.heartbeat.slow.threshold_ms"),
+        ({"failover": {"takeover": {"max_retries": -1}}}, "failover.takeover.max_retries"),
+        ({"failover": {"takeover": {"max_resume_tokens": -5}}}, "failover.takeover.max_resume_tokens"),
+        ({"failover": {"registry": {"backend": "etcd"}}}, "failover.registry.backend"),
+        ({"failover": {"registry": {"consul": {"ttl_s": 0}}}}, "failover.registry.consul.ttl_s"),
     ],
 )
 def test_service_keys_are_validated_by_name(override, key):
@@ -121,3 +129,25 @@ def test_service_keys_are_validated_by_name(override, key):
 def test_model_needs_a_path_unless_demo():
     with pytest.raises(ConfigError, match="config key 'model'.*model.path"):
         parse_config({"model": {}})
+
+
+def test_failover_keys_reach_the_controller_and_coordinators(monkeypatch):
+    from cluster.serve import controller_settings, coordinator_settings
+
+    cfg = load_config(REPO / "configs" / "serve.yaml")
+    monkeypatch.setenv("RINGPIPE_TOKEN", "abc")
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "consul-secret")
+    controller = controller_settings(cfg)
+    assert (controller.replicas, controller.standby) == (4, 1)
+    hb = controller.heartbeat
+    assert (hb.interval_s, hb.timeout_s, hb.slow_threshold_s, hb.slow_count, hb.slow_pause_s) == (0.5, 3.0, 0.2, 5, 5.0)
+    assert controller.consul is None  # backend: gcs
+    takeover = coordinator_settings(cfg).takeover
+    assert (takeover.max_retries, takeover.retry_interval_s, takeover.max_resume_tokens) == (3, 0.1, 8192)
+
+    consul = merge(cfg.model_dump(), {"failover": {"registry": {"backend": "consul"}}})
+    settings = controller_settings(parse_config(consul)).consul
+    assert (settings.address, settings.token, settings.key) == ("127.0.0.1:8500", "consul-secret", "ringpipe/state")
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN")
+    with pytest.raises(ConfigError, match=r"failover\.registry\.consul\.token_env"):
+        controller_settings(parse_config(consul))

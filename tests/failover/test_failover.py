@@ -236,8 +236,12 @@ def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, clie
         return member is not None and not member.accepting
 
     wait_for(paused, 30, "the slow replica to be paused")
-    status = client.status()
-    assert {r.replica_id: r.state for r in status.replicas}[victim.replica_id] == admin_pb2.REPLICA_STATE_PAUSED
+
+    def coordinators_know() -> bool:  # status calls are spread over both coordinators
+        states = [{r.replica_id: r.state for r in client.status().replicas} for _ in range(4)]
+        return all(s[victim.replica_id] == admin_pb2.REPLICA_STATE_PAUSED for s in states)
+
+    wait_for(coordinators_know, 10, "the coordinators to show the replica paused")
     for k in range(6):  # new work goes elsewhere while it is paused
         done = client.generate([k + 1, k + 2], 2, session_id=f"slow-{k}")
         assert done.replica_id != victim.replica_id
