@@ -155,6 +155,7 @@ def one_kill(svc, cluster, controller, kind: str, stage: int, expected: list[lis
     out["first_resumed_token_s"] = min(firsts) - started if firsts else None
     out["resumed_streams"] = len(firsts)
     out["requests_lost"] = sum(s.error is not None or not s.pieces for s in streams)
+    out["errors"] = [str(s.error)[:300] for s in streams if s.error is not None]
     out["token_errors"] = sum(token_errors(s.tokens, want) for s, want in zip(streams, expected, strict=True))
     if kind == "node":
         reporter.join(120)

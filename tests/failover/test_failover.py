@@ -309,3 +309,61 @@ def test_killed_coordinator_replica_client_resumes(service, controller, client, 
     wait_for(idle, 60, "the heads to drop the lost coordinator's orphaned requests")
     # Serve replaces the coordinator; the service keeps answering meanwhile
     assert client.generate(PROMPTS[0], 8).token_ids == expected[0][:8]
+
+
+def scrape_ringpipe_metrics() -> dict[str, float]:
+    """Every `ray_ringpipe_*` sample on every node's metrics export port, summed over labels."""
+    import urllib.request
+
+    out: dict[str, float] = {}
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=5).read()
+        except OSError:
+            continue
+        for line in text.decode().splitlines():
+            if line.startswith("ray_ringpipe_"):
+                name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+                out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def test_metrics_and_status_show_failovers(service, controller, client, expected):
+    """A takeover shows in Prometheus (through Ray's metrics export) and in `ringpipe status`."""
+    import json
+    import subprocess
+    import sys
+
+    wait_converged(controller, client)
+    streams = Streams(service.target, requests()[:4])
+    streams.wait_running()
+    victim = chaos.stage_process(controller, streams.busiest(), 1)
+    chaos.kill_stage(victim)
+    check_streams(streams, expected[:4])
+
+    wanted = {
+        "ray_ringpipe_failures_detected_total", "ray_ringpipe_takeovers_total", "ray_ringpipe_resumed_requests_total",
+        "ray_ringpipe_detection_latency_seconds_count", "ray_ringpipe_time_to_first_token_seconds_count",
+        "ray_ringpipe_time_per_output_token_seconds_count", "ray_ringpipe_ring_size", "ray_ringpipe_in_flight",
+    }
+    seen: dict[str, float] = {}
+
+    def exported() -> bool:
+        seen.update(scrape_ringpipe_metrics())
+        return wanted <= set(seen)
+
+    wait_for(exported, 60, f"metrics {sorted(wanted - set(seen))} to be exported")
+    assert seen["ray_ringpipe_failures_detected_total"] >= 1 and seen["ray_ringpipe_resumed_requests_total"] >= 1
+    assert seen["ray_ringpipe_time_to_first_token_seconds_count"] >= len(expected[:4])
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "cluster.cli", "status", "--target", service.target]
+    listing = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, env=env, check=True).stdout)
+    latest = [f for f in listing["failovers"] if f["replica_id"] == victim.replica_id][-1]
+    assert latest["action"] == "standby promoted" and "died" in latest["reason"] and latest["stage"] == 1
+    assert listing["standbys"] + len(listing["replicas"]) >= REPLICAS
+    text = subprocess.run(run, capture_output=True, text=True, env=env, check=True).stdout
+    assert "recent failovers" in text and f"{victim.replica_id} stage 1" in text and "standby promoted" in text
+    wait_converged(controller, client)
