@@ -254,6 +254,27 @@ def fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
+HOW_TO_READ = """## How to read this
+
+- **detection**: wall time from the kill (or SIGSTOP) to the controller's verdict. Targets: a
+  crash within 0.5 s (it is seen through an outstanding call that Ray fails when the actor dies);
+  a hang within `timeout_s` + `interval_s` = 3.5 s. A hang is declared `timeout_s` after the last
+  answered ping, which came up to `interval_s` before the SIGSTOP: hence 2.5-3 s.
+- **first resumed token**: from the kill to the first token, from another ring member, of a stream
+  that was on the victim: detection, the coordinator's resume (prompt + tokens so far re-prefilled
+  on the successor) and one decode step. Target with a standby: detection + 1 s.
+- **node**: a worker node holds stages of several pipelines (2-stage pipelines spread over 3
+  worker nodes always share a node), so a node kill can take every ring member at once, and the
+  standby too; the streams then wait for a rebuild (a new placement group, processes, weights).
+- **requests lost / tokens repeated or lost**: streams that ended in an error, and tokens that
+  differ from the failure-free run of the same request (positions that differ plus the length
+  difference). Target 0 for both.
+- **side by side**: Ray reporting a dead node (GCS health checks) and Serve replacing a paused or
+  killed replica of a trivial deployment (its health check with defaults: every 10 s, 30 s
+  timeout), on the same cluster and machine.
+"""
+
+
 def report(rows: list[dict], probes: list[dict], meta: dict, command: str) -> str:
     lines = ["# Failover benchmark", "", f"Command: `{command}`", "", "```", json.dumps(meta, indent=1), "```", ""]
     head = ["kind", "standby", "kills", "detection p50 / p99 (s)", "first resumed token p50 / p99 (s)",
@@ -286,7 +307,7 @@ def report(rows: list[dict], probes: list[dict], meta: dict, command: str) -> st
         lines += ["## Side by side: who notices, and when", "",
                   table(["failure", "noticed by", "trials", "theirs p50 / p99 (s)", "ringpipe detection p50 / p99 (s)"],
                         side), ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, HOW_TO_READ])
 
 
 def wait_for_quiet_machine() -> None:
@@ -305,7 +326,15 @@ def main() -> None:
     parser.add_argument("--serve-trials", type=int, default=5, help="Serve health-check trials (each kind)")
     parser.add_argument("--no-wait", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "failover")
+    parser.add_argument("--report-only", type=Path, help="rewrite the .md from this results .json; run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        data = json.loads(args.report_only.read_text())
+        command = data.get("command", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/failover.py")
+        text = report(data["kills"], data["serve"], data["meta"], command)
+        args.out.with_suffix(".md").write_text(text + "\n")
+        print(text)
+        return
     if not args.no_wait:
         wait_for_quiet_machine()
     import ray
@@ -322,7 +351,9 @@ def main() -> None:
     meta = describe(["failover", "coordinator", "shards", "cluster", "bench/failover.py"], ray=ray.__version__)
     command = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/failover.py " + " ".join(sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "kills": rows, "serve": probes}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "command": command.strip(), "kills": rows, "serve": probes}, indent=1)
+    )
     text = report(rows, probes, meta, command.strip())
     args.out.with_suffix(".md").write_text(text + "\n")
     print(text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import ray
@@ -78,6 +79,18 @@ def kill_node(cluster, node_id: str) -> None:
     cluster.remove_node(node, allow_graceful=False)
 
 
-def kill_controller(controller) -> None:
-    """The controller's process dies; Ray restarts it and it recovers membership from the registry."""
+def kill_controller(controller, timeout_s: float = 60.0) -> None:
+    """The controller's process dies; Ray restarts it and it recovers membership from the registry.
+
+    Returns once a new incarnation answers (TimeoutError after `timeout_s`)."""
+    old = ray.get(controller.incarnation.remote())
     ray.kill(controller, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(controller.incarnation.remote(), timeout=5) != old:
+                return
+        except ray.exceptions.RayError:
+            pass  # restarting
+        time.sleep(0.1)
+    raise TimeoutError(f"the controller did not come back within {timeout_s:.0f}s")

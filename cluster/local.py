@@ -45,6 +45,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return "joined"
     cores = os.cpu_count() or 1
     ray.init(
+        address="local",  # a new cluster even when another local one (`serve --nodes`) is up
         num_cpus=num_cpus or max(cores, 16),  # logical CPUs: stages share cores, torch threads are set per stage
         include_dashboard=False,
         _node_ip_address=LOOPBACK,

@@ -23,6 +23,8 @@ from coordinator.service import CoordinatorSettings, Takeover
 from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
 from failover.heartbeat import HeartbeatSettings
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
+
 
 @dataclass
 class Service:
@@ -130,12 +132,10 @@ def start_service(
         mode = "local"
     else:
         mode = init_ray(address)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # on the head node (where the GCS lives, the last node to go) while it lives; anywhere after a restart
-    here = NodeAffinitySchedulingStrategy(head_node_id(), soft=True)
+    # On the head node (where the GCS lives: the last node to go), whichever node that is; a soft
+    # affinity to it is not kept when the head has no CPUs (as in the local multi-node cluster).
     controller = Controller.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", scheduling_strategy=here
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", resources={HEAD_RESOURCE: 0.001}
     ).remote(
         cfg.replica_spec(), controller_cfg
     )
@@ -160,16 +160,6 @@ def start_service(
         Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise
     return Service(cfg, mode, target, controller, owns_ray, local_cluster)
-
-
-def head_node_id() -> str:
-    """The Ray head node's id (it holds the `node:__internal_head__` resource)."""
-    import ray
-
-    return next(
-        (n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n.get("Resources", {})),
-        ray.get_runtime_context().get_node_id(),
-    )
 
 
 def wait_serving(target: str, timeout_s: float) -> None:

@@ -5,13 +5,24 @@ cache: the session id when the client gives one, else the prompt's first
 `prefix_tokens` tokens, so repeated prefixes meet their cached prefix. `prefix`
 always uses the prompt prefix; `random` spreads requests blindly (the baseline
 the routing benchmark compares against).
+
+`Router` is one coordinator's view of the membership: the ring built from the
+members taking new work, its own in-flight count per replica (for the load
+bound), and a fence per member, set when that member leaves the membership.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Literal
+
+from coordinator.errors import Fenced
+from coordinator.ring import HashRing
+from failover.membership import Member, Membership
+from failover.metrics import metrics
 
 RoutingMode = Literal["session", "prefix", "random"]
 
@@ -24,3 +35,65 @@ def routing_key(
     if mode == "session" and session_id:
         return f"session:{session_id}"
     return "prefix:" + ",".join(map(str, prompt[:prefix_tokens]))
+
+
+class Router:
+    def __init__(self, membership: Membership, vnodes: int = 128, load_factor: float = 1.25) -> None:
+        self.vnodes, self.load_factor = vnodes, load_factor
+        self.in_flight: Counter[str] = Counter()
+        self._fences: dict[tuple[str, int], asyncio.Event] = {}
+        self.apply(membership)
+
+    def apply(self, membership: Membership) -> None:
+        """Route by `membership` from now on; fence every member that left."""
+        self.membership = membership
+        self.ring = HashRing(membership.ring_ids, self.vnodes, self.load_factor)
+        current = self._member_keys()
+        for key in [k for k in self._fences if k not in current]:
+            self._fences.pop(key).set()  # streams from that member are dropped from now on
+
+    def candidates(self, key: str, avoid: set[tuple[str, int]]) -> list[Member]:
+        """Members to try for `key`, in order: the bounded-load choice, then the ring's successors."""
+        if not len(self.ring):
+            return []
+        first = self.ring.route(key, self.in_flight)
+        order = [first, *(r for r in self.ring.successors(key) if r != first)]
+        return [m for r in order if (m := self.membership.get(r)) is not None and m.key not in avoid]
+
+    def count(self, replica_id: str, change: int) -> None:
+        self.in_flight[replica_id] += change
+        metrics().in_flight.set(self.in_flight[replica_id], tags={"replica": replica_id})
+
+    def fence(self, member: Member) -> asyncio.Event:
+        """Set when `member` leaves the membership (at once if it already has)."""
+        fence = self._fences.get(member.key)
+        if fence is None:
+            fence = self._fences[member.key] = asyncio.Event()
+            if member.key not in self._member_keys():
+                fence.set()
+        return fence
+
+    def _member_keys(self) -> set[tuple[str, int]]:
+        return {m.key for m in self.membership.members}
+
+
+async def next_unfenced(stream, fence: asyncio.Event) -> dict:
+    """A replica stream's next item, unless its replica is fenced first (the item is then dropped)."""
+    if fence.is_set():
+        raise Fenced("the replica was declared dead and left the membership")
+    item = asyncio.ensure_future(_next(stream))
+    fenced = asyncio.ensure_future(fence.wait())
+    try:
+        await asyncio.wait((item, fenced), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        fenced.cancel()
+        if not item.done():
+            item.cancel()
+    if fence.is_set():
+        raise Fenced("the replica was declared dead and left the membership")
+    return item.result()
+
+
+async def _next(stream) -> dict:
+    ref = await stream.__anext__()
+    return await ref

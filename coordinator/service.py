@@ -21,7 +21,6 @@ import asyncio
 import hmac
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,11 +38,10 @@ from coordinator.errors import (
     status_for,
 )
 from coordinator.request import Job, Limits, parse_request
-from coordinator.ring import HashRing
-from coordinator.routing import routing_key
+from coordinator.routing import Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
-from failover.membership import Member, Membership
+from failover.membership import Member
 from failover.metrics import metrics
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
@@ -108,19 +106,10 @@ class Coordinator:
             eos_token_ids=frozenset(args.eos_token_ids),
         )
         self.controller = ray.get_actor(settings.controller, namespace=settings.namespace)
-        self.in_flight: Counter[str] = Counter()  # this coordinator's requests per replica
-        self._fences: dict[tuple[str, int], asyncio.Event] = {}
-        self._apply(ray.get(self.controller.membership.remote()))
+        self.router = Router(ray.get(self.controller.membership.remote()), settings.vnodes, settings.load_factor)
         self._watcher: asyncio.Task | None = None
 
     # -- membership
-    def _apply(self, membership: Membership) -> None:
-        self.membership = membership
-        self.ring = HashRing(membership.ring_ids, self.settings.vnodes, self.settings.load_factor)
-        current = self._member_keys()
-        for key in [k for k in self._fences if k not in current]:
-            self._fences.pop(key).set()  # fencing: streams from that member are dropped from now on
-
     def _watch_membership(self) -> None:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -128,9 +117,9 @@ class Coordinator:
     async def _watch(self) -> None:
         while True:
             try:
-                m = await self.controller.watch.remote(self.membership.epoch, self.settings.watch_timeout_s)
-                if m.epoch != self.membership.epoch:
-                    self._apply(m)
+                m = await self.controller.watch.remote(self.router.membership.epoch, self.settings.watch_timeout_s)
+                if m.epoch != self.router.membership.epoch:
+                    self.router.apply(m)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 — keep routing by the last membership
@@ -165,22 +154,22 @@ class Coordinator:
         delivered = list(job.received)
         done = job.finished_already(self.limits.max_seq_len)
         if done:
-            yield Chunk([], "", len(delivered), "", self.membership.epoch, done)
+            yield Chunk([], "", len(delivered), "", self.router.membership.epoch, done)
             return
         m = metrics()
         attempt, avoid, first_token_at, produced = 0, set(), None, 0
         while True:
             try:
                 member, stream, item, sent_at = await self._open(job, avoid)
-            except NoReplica as exc:
+            except (NoReplica, ClusterFull) as exc:
                 if attempt == 0:
                     raise
                 lost = exc  # nothing could take the resume (yet): counts as a try
             else:
                 lost = None
-                fence = self._fence(member)
+                fence = self.router.fence(member)
                 replica_done = False
-                self._count(member.replica_id, +1)
+                self.router.count(member.replica_id, +1)
                 try:
                     while True:
                         tokens, reason = item["tokens"], item["finish_reason"]
@@ -205,7 +194,7 @@ class Coordinator:
                             if produced > 1:
                                 m.time_per_output_token_s.observe((time.monotonic() - first_token_at) / (produced - 1))
                             return
-                        item = await self._next_unfenced(stream, fence)
+                        item = await next_unfenced(stream, fence)
                 except (Fenced, *REPLICA_LOST) as exc:
                     lost = exc
                 except BaseException as exc:
@@ -214,7 +203,7 @@ class Coordinator:
                     else:
                         raise
                 finally:
-                    self._count(member.replica_id, -1)
+                    self.router.count(member.replica_id, -1)
                     if not replica_done:  # lost, a stop string, the client gone: the head frees the slot
                         ray.cancel(stream)
                 avoid.add(member.key)
@@ -226,7 +215,7 @@ class Coordinator:
                     f"the generation was lost {attempt} times, the last: {why}; gave up after "
                     f"{takeover.max_retries} resumes (failover.takeover.max_retries); resend with `resume`"
                 )
-            if len(delivered) - len(job.prompt) > takeover.max_resume_tokens:
+            if len(delivered) > takeover.max_resume_tokens:
                 raise NoReplica(
                     f"{why}; {len(delivered)} tokens streamed is over failover.takeover.max_resume_tokens "
                     f"({takeover.max_resume_tokens}): resend with `resume`"
@@ -236,7 +225,7 @@ class Coordinator:
             await asyncio.sleep(takeover.retry_interval_s * 2 ** (attempt - 1))
             job = job.resumed(tuple(delivered))
             if job.finished_already(self.limits.max_seq_len):  # cannot happen unless the budget ran out
-                yield Chunk([], text.flush(), len(delivered), "", self.membership.epoch, "length")
+                yield Chunk([], text.flush(), len(delivered), "", self.router.membership.epoch, "length")
                 return
 
     async def _open(self, job: Job, avoid: set[tuple[str, int]] | None = None):
@@ -247,11 +236,7 @@ class Coordinator:
         self._watch_membership()
         avoid = set() if avoid is None else avoid
         key = routing_key(job.prompt, job.session_id, self.settings.routing_key, self.settings.prefix_tokens)
-        order = []
-        if len(self.ring):
-            first = self.ring.route(key, self.in_flight)
-            order = [first, *(r for r in self.ring.successors(key) if r != first)]
-        members = [m for r in order if (m := self.membership.get(r)) is not None and m.key not in avoid]
+        members = self.router.candidates(key, avoid)
         if not members:
             raise NoReplica("no live pipeline replica is on the ring")
         full, failed = [], []
@@ -259,9 +244,9 @@ class Coordinator:
         for member in members:
             sent_at = time.monotonic()
             stream = member.head.generate.options(num_returns="streaming").remote(request)
-            self._count(member.replica_id, +1)
+            self.router.count(member.replica_id, +1)
             try:
-                return member, stream, await self._next_unfenced(stream, self._fence(member)), sent_at
+                return member, stream, await next_unfenced(stream, self.router.fence(member)), sent_at
             except BaseException as exc:
                 ray.cancel(stream)
                 cause = cause_of(exc)
@@ -273,49 +258,12 @@ class Coordinator:
                 else:
                     raise
             finally:
-                self._count(member.replica_id, -1)
+                self.router.count(member.replica_id, -1)
         if full:
             raise ClusterFull(
                 f"every replica is busy ({', '.join(full)} have full queues); retry later or raise pipeline.max_queue"
             )
         raise NoReplica("no replica could take the request: " + "; ".join(failed))
-
-    def _count(self, replica_id: str, change: int) -> None:
-        self.in_flight[replica_id] += change
-        metrics().in_flight.set(self.in_flight[replica_id], tags={"replica": replica_id})
-
-    def _fence(self, member: Member) -> asyncio.Event:
-        """Set when `member` leaves the membership."""
-        fence = self._fences.get(member.key)
-        if fence is None:
-            fence = self._fences[member.key] = asyncio.Event()
-            if member.key not in self._member_keys():
-                fence.set()
-        return fence
-
-    def _member_keys(self) -> set[tuple[str, int]]:
-        return {m.key for m in self.membership.members}
-
-    async def _next_unfenced(self, stream, fence: asyncio.Event) -> dict:
-        """The stream's next item, unless its replica is fenced first (then the item is dropped)."""
-        if fence.is_set():
-            raise Fenced("the replica was declared dead and left the membership")
-        item = asyncio.ensure_future(self._next(stream))
-        fenced = asyncio.ensure_future(fence.wait())
-        try:
-            await asyncio.wait((item, fenced), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            fenced.cancel()
-            if not item.done():
-                item.cancel()
-        if fence.is_set():
-            raise Fenced("the replica was declared dead and left the membership")
-        return item.result()
-
-    @staticmethod
-    async def _next(stream) -> dict:
-        ref = await stream.__anext__()
-        return await ref
 
     # -- the RPCs
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
@@ -371,7 +319,7 @@ class Coordinator:
         try:
             self._authorize(grpc_context)
             self._watch_membership()
-            membership, shares = self.membership, self.ring.shares()
+            membership, shares = self.router.membership, self.router.ring.shares()
             failovers, standbys, *stats = await asyncio.gather(
                 self.controller.failovers.remote(),
                 self.controller.standbys.remote(),
@@ -394,7 +342,6 @@ class Coordinator:
                 if isinstance(st, dict):
                     r.state = admin_pb2.REPLICA_STATE_SERVING if member.accepting else admin_pb2.REPLICA_STATE_PAUSED
                     r.in_flight, r.queue_depth = st["running"], st["waiting"]
-                    metrics().queue_depth.set(st["waiting"], tags={"replica": member.replica_id})
                     r.free_slots, r.cached_prefixes = st["free_slots"], st["cached_prefixes"]
                 else:
                     r.state = admin_pb2.REPLICA_STATE_DEAD
@@ -431,7 +378,7 @@ class Coordinator:
 
     def _health(self) -> int:
         self._watch_membership()
-        serving = len(self.ring) > 0
+        serving = len(self.router.ring) > 0
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 

@@ -23,6 +23,7 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -86,10 +87,12 @@ class Controller:
         self._pipelines: dict[str, Replica] = {}  # every live pipeline by name: slots' and standbys'
         self._stage_infos: dict[str, tuple[StageInfo, ...]] = {}  # where each pipeline's stages run
         self._epoch, self._next_pipeline = 0, 0
+        self._unsettled: set[str] = set()  # pipelines being built or shut down: discarded after a restart
         self._membership = Membership()
         self._failovers: collections.deque[_Failover] = collections.deque(maxlen=settings.recent_failovers)
         self._stopped = threading.Event()
         self._started = False
+        self._incarnation = uuid.uuid4().hex  # tells a restarted controller from the one before
         state = self.registry.load()
         if state:
             self._recover(state)
@@ -136,6 +139,10 @@ class Controller:
         self._tell_registry(self.registry.clear)
 
     # -- reading
+    def incarnation(self) -> str:
+        """A new value each time Ray (re)starts the controller."""
+        return self._incarnation
+
     def membership(self) -> Membership:
         return self._membership
 
@@ -169,7 +176,21 @@ class Controller:
         with self._lock:
             self._next_pipeline += 1
             name = f"{self.name}.p{self._next_pipeline}"
+            self._unsettled.add(name)
+            self._save()
         return Replica(self.spec, name, namespace=NAMESPACE, detached=True)
+
+    def _retire(self, pipeline: Replica) -> None:
+        """Shut a pipeline down (in the background); until it is gone a restart would discard it."""
+        def run() -> None:
+            pipeline.shutdown(5.0)
+            with self._lock:
+                self._unsettled.discard(pipeline.name)
+                self._save()
+
+        with self._lock:
+            self._unsettled.add(pipeline.name)
+        threading.Thread(target=run, daemon=True).start()
 
     def _take_slot(self, slot: str, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
         self._epoch += 1
@@ -199,6 +220,7 @@ class Controller:
         self._watch_pipeline(pipeline, stages)
 
     def _watch_pipeline(self, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
+        self._unsettled.discard(pipeline.name)
         self._pipelines[pipeline.name] = pipeline
         self._stage_infos[pipeline.name] = stages
         for i in range(len(pipeline.actors)):
@@ -235,6 +257,7 @@ class Controller:
                 for sid, s in self._slots.items()
             },
             "standbys": [p.name for p in self._standbys],
+            "unsettled": sorted(self._unsettled),
             "failovers": [vars(f) for f in self._failovers],
         }
         try:
@@ -248,6 +271,8 @@ class Controller:
         self._epoch, self._next_pipeline = state["epoch"], state["next_pipeline"]
         self._failovers.extend(_Failover(**f) for f in state.get("failovers", []))
         self._started = True
+        for name in state.get("unsettled", []):  # half built, or half shut down, when the controller died
+            Replica.discard(self.spec, name, NAMESPACE)
         for name in state["standbys"]:
             found = self._attach(name)
             if isinstance(found, tuple):
@@ -344,6 +369,10 @@ class Controller:
             if answer["state"] in ("failed", "stopped"):
                 failed = f"stage {answer['state']}: {answer['error']}"
             self.monitor.answered(key, failed)
+            if key[1] == 0:  # the head knows its replica's queue
+                slot = next((sid for sid, s in self._slots.items() if s.replica and s.replica.name == key[0]), None)
+                if slot is not None:
+                    metrics().queue_depth.set(answer["waiting"], tags={"replica": slot})
 
     def _on_vigil(self, key: tuple[str, int], ref) -> None:
         try:
@@ -365,6 +394,8 @@ class Controller:
                 return
             slot = next((sid for sid, s in self._slots.items() if s.replica is pipeline), None)
             if verdict.health is Health.DEAD:
+                if verdict.reason.startswith("stage failed"):  # its transport broke: which peer died?
+                    actor = _culprit(pipeline, actor)
                 stage = actor // self.spec.tensor_parallel
                 self._on_death(slot, pipeline, stage, verdict)
             elif slot is not None:
@@ -379,9 +410,9 @@ class Controller:
         self._drop_pipeline(pipeline)
         if slot is None:  # a standby died
             self._standbys.remove(pipeline)
+        self._retire(pipeline)
         self._take_over(slot, pipeline.name, stage, verdict.reason, verdict.silent_s)
         self._publish()
-        threading.Thread(target=pipeline.shutdown, args=(5.0,), daemon=True).start()
         self._rebuild_later()
 
     def _take_over(self, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> None:
@@ -425,6 +456,8 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 — try again: a node may come back
                 log.warning("rebuilding %s failed (%s); retrying in %.0fs", pipeline.name, exc, backoff)
                 pipeline.shutdown()
+                with self._lock:
+                    self._unsettled.discard(pipeline.name)
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
         else:
@@ -460,6 +493,20 @@ def _stage_infos(pipeline: Replica, timeout_s: float | None = None) -> tuple[Sta
         StageInfo(p.index, nodes[p.index * tp]["node_id"], nodes[p.index * tp]["ip"], p.layer_start, p.layer_end)
         for p in pipeline.plans
     )
+
+
+def _culprit(pipeline: Replica, reporter: int, timeout_s: float = 0.3) -> int:
+    """The actor of `pipeline` that is dead (or does not answer), when `reporter` saw its transport
+    break; `reporter` itself when every other one answers."""
+    refs = pipeline.send_pings()
+    for i, ref in enumerate(refs):
+        if i == reporter:
+            continue
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.RayError:
+            return i
+    return reporter
 
 
 def _kind(reason: str) -> str:

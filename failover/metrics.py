@@ -16,13 +16,13 @@ _LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 @dataclass(frozen=True)
 class Metrics:
     failures_detected: object  # Counter {replica, kind}
-    detection_latency_s: object  # Histogram: last sign of life → verdict
+    detection_latency_s: object  # Histogram: last sign of life to verdict
     takeovers: object  # Counter {action}: standby promoted | rebuilding
     ring_size: object  # Gauge: replicas taking new work
     members: object  # Gauge: replicas in the membership (paused ones included)
     resumed_requests: object  # Counter {reason}: a generation moved to another replica mid-way
     in_flight: object  # Gauge {replica}: this coordinator's requests on each replica
-    queue_depth: object  # Gauge {replica}: requests waiting for a KV slot, from the last status read
+    queue_depth: object  # Gauge {replica}: requests waiting for a KV slot, from the head's heartbeats
     time_to_first_token_s: object  # Histogram
     time_per_output_token_s: object  # Histogram
 

@@ -85,6 +85,20 @@ class Replica:
         return [f"{self.name}.stage-{p.index}.tp{t}" for p in self.plans for t in range(tp)]
 
     @classmethod
+    def discard(cls, spec: ReplicaSpec, name: str, namespace: str) -> None:
+        """Kill whatever is left of the detached replica `name`: its actors and placement group."""
+        replica = cls(spec, name, namespace, detached=True)
+        for actor_name in replica.actor_names:
+            try:
+                ray.kill(ray.get_actor(actor_name, namespace=namespace), no_restart=True)
+            except ValueError:
+                pass  # never created, or gone already
+        try:
+            remove_placement_group(ray.util.get_placement_group(replica.pg_name))
+        except ValueError:
+            pass
+
+    @classmethod
     def attach(cls, spec: ReplicaSpec, name: str, namespace: str) -> Replica:
         """The running detached replica `name`; raises ValueError if any of its actors is gone."""
         replica = cls(spec, name, namespace, detached=True)

@@ -195,7 +195,12 @@ class Stage:
         self._inbox.put(_Cancel(request_id))
 
     def ping(self) -> dict:
-        return {"stage": self.plan.index, "state": self.state.value, "error": self.error, "time": time.time()}
+        """Liveness, and the head's load (read without the loop's lock: a snapshot, not a contract)."""
+        s = self.scheduler
+        return {
+            "stage": self.plan.index, "state": self.state.value, "error": self.error, "time": time.time(),
+            "running": len(s.running), "waiting": len(s.waiting),
+        }
 
     def stats(self) -> dict:
         s = self.scheduler

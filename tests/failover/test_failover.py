@@ -127,8 +127,11 @@ def expected(service, service_checkpoint, client):
 
 
 def converged(controller) -> bool:
-    membership = ray.get(controller.membership.remote())
-    standbys = ray.get(controller.standbys.remote())
+    try:
+        membership = ray.get(controller.membership.remote())
+        standbys = ray.get(controller.standbys.remote())
+    except ray.exceptions.RayActorError:  # the controller is restarting
+        return False
     return len(membership.ring_ids) == REPLICAS and len(standbys) == STANDBY
 
 
@@ -152,14 +155,20 @@ def new_failovers(controller, before: int) -> list[dict]:
     return ray.get(controller.failovers.remote())[before:]
 
 
-@pytest.mark.parametrize("stage", [0, 1], ids=["head", "last-stage"])
-def test_killed_stage_actor_mid_stream(service, controller, client, expected, stage):
+def under_load(service, controller, client, stage: int) -> tuple[Streams, chaos.StageProcess, int]:
+    """From a converged cluster: streams under way, and stage `stage` of the replica serving most of
+    them (the victim); also how many failovers were recorded before."""
     wait_converged(controller, client)
     before = len(ray.get(controller.failovers.remote()))
-    epoch = ray.get(controller.membership.remote()).epoch
     streams = Streams(service.target, requests())
     streams.wait_running()
-    victim = chaos.stage_process(controller, streams.busiest(), stage)
+    return streams, chaos.stage_process(controller, streams.busiest(), stage), before
+
+
+@pytest.mark.parametrize("stage", [0, 1], ids=["head", "last-stage"])
+def test_killed_stage_actor_mid_stream(service, controller, client, expected, stage):
+    streams, victim, before = under_load(service, controller, client, stage)
+    epoch = ray.get(controller.membership.remote()).epoch
     old = (victim.replica_id, victim.epoch)
     hit = streams.on(old)
     chaos.kill_stage(victim)
@@ -178,11 +187,7 @@ def test_killed_stage_actor_mid_stream(service, controller, client, expected, st
 
 
 def test_killed_worker_node_mid_stream(service, local_cluster, controller, client, expected):
-    wait_converged(controller, client)
-    before = len(ray.get(controller.failovers.remote()))
-    streams = Streams(service.target, requests())
-    streams.wait_running()
-    victim = chaos.stage_process(controller, streams.busiest(), 1)
+    streams, victim, before = under_load(service, controller, client, 1)
     nodes_before = {p: [n["node_id"] for n in ns] for p, ns in ray.get(controller.pipeline_nodes.remote()).items()}
     doomed = {p for p, ns in nodes_before.items() if victim.node_id in ns}
     chaos.kill_node(local_cluster, victim.node_id)
@@ -200,11 +205,7 @@ def test_killed_worker_node_mid_stream(service, local_cluster, controller, clien
 
 
 def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, expected):
-    wait_converged(controller, client)
-    before = len(ray.get(controller.failovers.remote()))
-    streams = Streams(service.target, requests())
-    streams.wait_running()
-    victim = chaos.stage_process(controller, streams.busiest(), 0)
+    streams, victim, before = under_load(service, controller, client, 0)
     old = (victim.replica_id, victim.epoch)
     hit = streams.on(old)
     chaos.pause_stage(victim)
@@ -224,11 +225,7 @@ def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, e
 
 
 def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, client, expected):
-    wait_converged(controller, client)
-    before = len(ray.get(controller.failovers.remote()))
-    streams = Streams(service.target, requests())
-    streams.wait_running()
-    victim = chaos.stage_process(controller, streams.busiest(), 1)
+    streams, victim, before = under_load(service, controller, client, 1)
     chaos.slow_stage(victim, delay_s=0.3, duration_s=4.0)  # > 200 ms, 5 times in a row within ~4 s
 
     def paused() -> bool:
@@ -262,15 +259,6 @@ def test_killed_controller_recovers_membership(service, controller, client, expe
     streams.wait_running()
     chaos.kill_controller(controller)
     check_streams(streams, expected)  # the controller is not on the data path
-
-    def answers() -> bool:
-        try:
-            ray.get(controller.membership.remote(), timeout=5)
-            return True
-        except ray.exceptions.RayError:
-            return False
-
-    wait_for(answers, 60, "the controller to restart")
     after = ray.get(controller.membership.remote())
     assert after.epoch == membership.epoch
     assert [(m.replica_id, m.epoch, m.pipeline) for m in after.members] == [
@@ -285,20 +273,32 @@ def test_killed_controller_recovers_membership(service, controller, client, expe
         lambda: [f for f in ray.get(controller.failovers.remote())[len(failovers):] if f["pipeline"] == victim.pipeline],
         30, "the restarted controller to detect a death",
     )
+    # and killed again mid-rebuild, it discards the half-built pipeline and the dead one's remains
+    chaos.kill_controller(controller)
     wait_converged(controller, client)
+
+    def no_orphans() -> bool:
+        live = set(ray.get(controller.pipeline_nodes.remote()))
+        named = {a["name"].split(".stage-")[0] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "ringpipe" and a["name"].startswith("ringpipe-controller.p")}
+        return named <= live
+
+    wait_for(no_orphans, 60, "every stage actor to belong to a live pipeline")
 
 
 def test_killed_coordinator_replica_client_resumes(service, controller, client, expected):
     wait_converged(controller, client)
     streams = Streams(service.target, requests())
     streams.wait_running()
-    # Serve's proxy (on the head) prefers coordinators on its own node: kill one of those, it has streams
-    actors = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"]
-    proxy_node = next(a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "ProxyActor")
-    coordinators = [a for a in actors if (a["Name"] or "").startswith("SERVE_REPLICA::ringpipe#")]
-    assert len(coordinators) == 2, coordinators
-    busy = [a for a in coordinators if a["Address"]["NodeID"] == proxy_node] or coordinators
-    ray.kill(ray.get_actor(busy[0]["Name"], namespace="serve"), no_restart=True)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::ringpipe#")]
+    assert len(names) == 2, names
+    coordinators = [ray.get_actor(n, namespace="serve") for n in names]
+    # the one holding most streams now (Serve's replica actor counts its ongoing calls)
+    ongoing = ray.get([c.get_num_ongoing_requests.remote() for c in coordinators])
+    busiest = coordinators[max(range(2), key=ongoing.__getitem__)]
+    assert max(ongoing) > 0, ongoing
+    ray.kill(busiest, no_restart=True)
     check_streams(streams, expected)
     resumed = [i for i in range(len(expected)) if any(p.resumes for p in streams.pieces[i])]
     assert resumed, "no stream was on the killed coordinator"
@@ -347,6 +347,7 @@ def test_metrics_and_status_show_failovers(service, controller, client, expected
         "ray_ringpipe_failures_detected_total", "ray_ringpipe_takeovers_total", "ray_ringpipe_resumed_requests_total",
         "ray_ringpipe_detection_latency_seconds_count", "ray_ringpipe_time_to_first_token_seconds_count",
         "ray_ringpipe_time_per_output_token_seconds_count", "ray_ringpipe_ring_size", "ray_ringpipe_in_flight",
+        "ray_ringpipe_queue_depth", "ray_ringpipe_members",
     }
     seen: dict[str, float] = {}
 
@@ -366,4 +367,48 @@ def test_metrics_and_status_show_failovers(service, controller, client, expected
     assert listing["standbys"] + len(listing["replicas"]) >= REPLICAS
     text = subprocess.run(run, capture_output=True, text=True, env=env, check=True).stdout
     assert "recent failovers" in text and f"{victim.replica_id} stage 1" in text and "standby promoted" in text
+    wait_converged(controller, client)
+
+
+@pytest.mark.parametrize(
+    ("takeover", "says"),
+    [({"max_retries": 0}, "failover.takeover.max_retries"), ({"max_resume_tokens": 4}, "max_resume_tokens")],
+    ids=["no-retries-left", "too-long-to-resume"],
+)
+def test_takeover_limits_end_in_unavailable_saying_why(service, controller, client, takeover, says):
+    """Past `max_retries` resumes, or `max_resume_tokens` streamed, a lost generation fails with
+    UNAVAILABLE and a message naming the limit; the client library could still resume it."""
+    import dataclasses
+
+    import grpc
+    from ray import serve
+
+    from cluster.serve import coordinator_settings
+    from coordinator.app import build_app
+    from protos.ringpipe.v1 import inference_pb2 as pb
+    from protos.ringpipe.v1 import inference_pb2_grpc
+
+    wait_converged(controller, client)
+    base = coordinator_settings(service.cfg)
+    settings = dataclasses.replace(base, takeover=dataclasses.replace(base.takeover, **takeover))
+    serve.run(build_app(settings, 1), name="limits", route_prefix="/limits")
+    try:
+        with grpc.insecure_channel(service.target) as channel:
+            req = pb.GenerateRequest(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+            req.token_ids.ids.extend(PROMPTS[0])
+            call = inference_pb2_grpc.InferenceStub(channel).GenerateStream(
+                req, metadata=(("application", "limits"),), timeout=120
+            )
+            received = 0
+            with pytest.raises(grpc.RpcError) as err:
+                for msg in call:
+                    received += len(msg.token_ids)
+                    if received >= 8 and msg.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+                        victim = chaos.stage_process(controller, msg.served_by.replica_id, 1)
+                        chaos.kill_stage(victim)
+                        received = -(10**9)  # kill once
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert says in err.value.details() and "resume" in err.value.details()
+    finally:
+        serve.delete("limits")
     wait_converged(controller, client)

@@ -1,0 +1,79 @@
+"""The coordinator's router: the ring it builds from a membership, and fencing. No Ray needed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coordinator.errors import Fenced
+from coordinator.ring import HashRing
+from coordinator.routing import Router, next_unfenced
+from failover.membership import Member, Membership
+
+
+def membership(epoch: int, *members: tuple[str, int, bool]) -> Membership:
+    return Membership(epoch, tuple(Member(r, e, None, accepting=a) for r, e, a in members))
+
+
+def test_ring_holds_only_members_taking_new_work():
+    router = Router(membership(3, ("replica-0", 1, True), ("replica-1", 2, False), ("replica-2", 3, True)))
+    assert sorted(router.ring.shares()) == ["replica-0", "replica-2"]
+    for k in range(50):  # the paused member is never a candidate; the order follows an independent ring
+        key = f"session:{k}"
+        want = HashRing(["replica-0", "replica-2"]).successors(key)
+        assert [m.replica_id for m in router.candidates(key, set())] == list(want)
+
+
+def test_candidates_skip_avoided_members_but_not_a_newer_member_at_the_same_position():
+    router = Router(membership(4, ("replica-0", 4, True), ("replica-1", 2, True)))
+    got = {m.key for m in router.candidates("session:x", {("replica-0", 1)})}  # an older replica-0: dead
+    assert got == {("replica-0", 4), ("replica-1", 2)}
+    got = {m.key for m in router.candidates("session:x", {("replica-0", 4)})}
+    assert got == {("replica-1", 2)}
+
+
+def test_members_that_leave_are_fenced_others_are_not():
+    old = membership(2, ("replica-0", 1, True), ("replica-1", 2, True))
+    router = Router(old)
+    fences = {m.key: router.fence(m) for m in old.members}
+    assert not any(f.is_set() for f in fences.values())
+    router.apply(membership(3, ("replica-0", 3, True), ("replica-1", 2, False)))  # replica-0 replaced, 1 paused
+    assert fences[("replica-0", 1)].is_set()
+    assert not fences[("replica-1", 2)].is_set()  # paused is not dead: its streams go on
+    assert router.fence(old.members[0]).is_set()  # asking again after it left: fenced at once
+
+
+class _Stream:
+    """A replica stream whose items arrive when the test says."""
+
+    def __init__(self) -> None:
+        self.items: asyncio.Queue = asyncio.Queue()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.items.get()
+
+        async def ref():
+            return item
+
+        return ref()
+
+
+def test_next_unfenced_returns_items_until_the_fence_then_drops_them():
+    async def scenario():
+        stream, fence = _Stream(), asyncio.Event()
+        stream.items.put_nowait({"tokens": [1]})
+        assert await next_unfenced(stream, fence) == {"tokens": [1]}
+        waiting = asyncio.ensure_future(next_unfenced(stream, fence))
+        await asyncio.sleep(0.01)
+        fence.set()
+        with pytest.raises(Fenced):
+            await waiting
+        stream.items.put_nowait({"tokens": [2]})  # the fenced replica speaks again: never read
+        with pytest.raises(Fenced):
+            await next_unfenced(stream, fence)
+
+    asyncio.run(scenario())
