@@ -12,6 +12,7 @@ starts whole.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -151,15 +152,16 @@ def check_streams(streams: Streams, expected: list[list[int]]) -> None:
         assert streams.pieces[i][-1].finish_reason == "length"
 
 
-def new_failovers(controller, before: int) -> list[dict]:
-    return ray.get(controller.failovers.remote())[before:]
+def new_failovers(controller, since: float) -> list[dict]:
+    """Failovers recorded at or after wall-clock time `since` (the controller keeps only the recent ones)."""
+    return [f for f in ray.get(controller.failovers.remote()) if f["at"] >= since]
 
 
-def under_load(service, controller, client, stage: int) -> tuple[Streams, chaos.StageProcess, int]:
+def under_load(service, controller, client, stage: int) -> tuple[Streams, chaos.StageProcess, float]:
     """From a converged cluster: streams under way, and stage `stage` of the replica serving most of
-    them (the victim); also how many failovers were recorded before."""
+    them (the victim); also the wall-clock time before they started."""
     wait_converged(controller, client)
-    before = len(ray.get(controller.failovers.remote()))
+    before = time.time()
     streams = Streams(service.target, requests())
     streams.wait_running()
     return streams, chaos.stage_process(controller, streams.busiest(), stage), before
@@ -270,7 +272,7 @@ def test_killed_controller_recovers_membership(service, controller, client, expe
     victim = chaos.stage_process(controller, after.members[0].replica_id, 1)
     chaos.kill_stage(victim)
     wait_for(
-        lambda: [f for f in ray.get(controller.failovers.remote())[len(failovers):] if f["pipeline"] == victim.pipeline],
+        lambda: [f for f in ray.get(controller.failovers.remote()) if f["pipeline"] == victim.pipeline],
         30, "the restarted controller to detect a death",
     )
     # and killed again mid-rebuild, it discards the half-built pipeline and the dead one's remains
