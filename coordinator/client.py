@@ -168,13 +168,19 @@ class _Policy:
         return not _retryable(err) or attempt >= self.retries or out_of_time
 
 
+_COORDINATOR_LOST = ("The actor died unexpectedly", "The actor is temporarily unavailable")
+
+
 def _retryable(err: grpc.RpcError) -> bool:
     """UNAVAILABLE, and the coordinator replica lost mid-call: Serve's proxy reports that as
-    INTERNAL ("The actor died unexpectedly before finishing this task") though another replica can
-    take the call. Resending is safe either way: a stream resumes after what it received."""
+    INTERNAL with Ray's words for a dead actor ("The actor died unexpectedly before finishing this
+    task") or one on a lost node ("The actor is temporarily unavailable: ... Socket closed"),
+    though another replica can take the call. Resending is safe: a stream resumes after what it
+    received, and a unary call is generated again from the same seed."""
     if err.code() in RETRYABLE:
         return True
-    return err.code() == grpc.StatusCode.INTERNAL and "actor died unexpectedly" in (err.details() or "")
+    details = err.details() or ""
+    return err.code() == grpc.StatusCode.INTERNAL and any(words in details for words in _COORDINATOR_LOST)
 
 
 def _deadline(timeout_s: float | None) -> float | None:

@@ -56,3 +56,29 @@ def test_sampling_without_seed_gets_one_for_resume():
     assert sampled.sampling.HasField("seed")
     assert not build_request("hi", 5).sampling.HasField("seed")  # greedy needs none
     assert build_request("hi", 5, temperature=0.7, seed=3).sampling.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "retry"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "no live pipeline replica is on the ring", True),
+        # what Serve's proxy says when the coordinator replica of the call is lost (measured)
+        (grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task.", True),
+        (grpc.StatusCode.INTERNAL, "The actor 4a1f is unavailable: The actor is temporarily unavailable: "
+         "RpcError: RPC error: Socket closed rpc_code: 14.", True),
+        (grpc.StatusCode.INTERNAL, "ValueError: bad", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens: must be at least 1", False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica is busy", False),
+    ],
+)
+def test_which_failures_the_client_resends(code, details, retry):
+    from coordinator.client import _retryable
+
+    class Failure(grpc.RpcError):
+        def code(self):
+            return code
+
+        def details(self):
+            return details
+
+    assert _retryable(Failure()) is retry
