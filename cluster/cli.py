@@ -3,6 +3,10 @@
     ringpipe serve [--config FILE]             the service: replicas, coordinators, gRPC
     ringpipe generate TEXT [--stream] ...      one request to a running service
     ringpipe status [--json]                   membership and load of a running service
+    ringpipe deploy --config FILE              onto a running Ray cluster (RAY_ADDRESS), then return
+    ringpipe undeploy                          remove it again
+    ringpipe serve-config --config FILE        the same deployment as a Serve config (`serve deploy`)
+    ringpipe chaos --fault kill-node ...       faults under load on a running service, with a report
     ringpipe model create DIR --arch llama     a random-weight checkpoint in HF layout
     ringpipe model demo DIR                    the small demo model, trained here
     ringpipe run --model DIR --stages 2 ...    generate through one pipeline replica, no service
@@ -108,6 +112,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="local mode: start N worker nodes (real raylets on 127.0.0.1) beside the head, to try failover",
     )
     serve.add_argument("--standby", type=int, default=None, help="warm spare replicas (replicas.standby)")
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="deploy onto a running Ray cluster (RAY_ADDRESS / --address) and return",
+        description="Join a running Ray cluster, start the controller (which starts the pipeline replicas) "
+        "and the coordinators behind Serve's gRPC proxies, wait until gRPC answers SERVING, print the "
+        "target and exit, leaving the service running. `ringpipe undeploy` removes it.",
+    )
+    deploy.add_argument("--config", type=Path, required=True, help="YAML service config (see configs/serve.yaml)")
+    deploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    deploy.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING (default 300)")
+    undeploy = sub.add_parser("undeploy", help="remove what `ringpipe deploy` started from the cluster")
+    undeploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    serve_config = sub.add_parser(
+        "serve-config",
+        help="print the Serve config (for `serve deploy` / `serve run`) of a service config",
+        description="Write the Serve config file that deploys the service of --config: proxies, gRPC options "
+        "and the ringpipe application (import path cluster.deploy:app, which reads --config on the cluster).",
+    )
+    serve_config.add_argument("--config", type=Path, required=True, help="YAML service config")
+    serve_config.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    serve_config.add_argument(
+        "--cluster-path", help="where the service config lies on the cluster's nodes (default: --config, resolved)"
+    )
 
     def client_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
@@ -342,6 +370,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(f'try:  ringpipe generate "The list type" --stream --target {service.target}', flush=True)
+        print(f"Ray cluster: {service.ray_address} (for --address / RAY_ADDRESS)", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)
@@ -364,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_model_create(args) if args.model_command == "create" else cmd_model_demo(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command in ("deploy", "undeploy", "serve-config"):
+            from cluster import deploy
+
+            return {"deploy": deploy.cmd_deploy, "undeploy": deploy.cmd_undeploy,
+                    "serve-config": deploy.cmd_serve_config}[args.command](args)
         if args.command in ("generate", "status"):
             from cluster.call import cmd_generate, cmd_status
 

@@ -127,6 +127,13 @@ class ServerConfig(_Strict):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages are refused")
     max_new_tokens: int | None = Field(None, ge=1, description="the most a request may ask for; default max_seq_len")
     request_timeout_s: float | None = Field(None, gt=0, description="Serve's end-to-end limit per call")
+    host: str = Field(
+        "auto", min_length=1,
+        description="address the proxies listen on; auto: the node's own address when it is a loopback one, else 0.0.0.0",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="Serve proxies on every node, or on the head only (nodes sharing one machine)"
+    )
     auth: AuthConfig = AuthConfig()
 
 

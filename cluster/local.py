@@ -5,8 +5,10 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before Ray is imported; the local
 mode sets it, so an embedded cluster listens on 127.0.0.1 only.
 
 Serve's gRPC proxy has no host option: it binds `[::]:port`, every interface.
-The local mode therefore gives its job a worker setup hook (`serve_on_loopback`)
-that rewrites that address to 127.0.0.1 in the proxy's process, through the
+The local mode (and `ringpipe deploy`) therefore gives its job a worker setup
+hook (`serve_on_loopback`) that, on a node whose address is a loopback one
+(127.0.0.1 here, 127.0.0.2… for the nodes of a test cluster from `ray up`),
+rewrites that address to the node's own in the proxy's process, through the
 function Serve names as its extension point for it (`default_impl.add_grpc_address`).
 The hook runs in every worker of the job, so it only arms an import hook: the
 patch happens if and when a worker imports that module (the proxy does).
@@ -20,6 +22,8 @@ import os
 import sys
 
 LOOPBACK = "127.0.0.1"
+# the job's runtime env: every worker runs `serve_on_loopback` first (ringpipe is installed on every node)
+LOOPBACK_HOOK = {"worker_process_setup_hook": "cluster.local.serve_on_loopback"}
 
 
 def prepare_local(address: str | None = None) -> None:
@@ -41,7 +45,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return "joined"
     if address:
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, log_to_driver=not quiet, runtime_env=LOOPBACK_HOOK)
         return "joined"
     cores = os.cpu_count() or 1
     ray.init(
@@ -51,7 +55,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         _node_ip_address=LOOPBACK,
         log_to_driver=not quiet,
         configure_logging=not quiet,
-        runtime_env={"worker_process_setup_hook": "cluster.local.serve_on_loopback"},
+        runtime_env=LOOPBACK_HOOK,
     )
     return "local"
 
@@ -84,7 +88,7 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
             address=cluster.address,
             log_to_driver=not quiet,
             configure_logging=not quiet,
-            runtime_env={"worker_process_setup_hook": "cluster.local.serve_on_loopback"},
+            runtime_env=LOOPBACK_HOOK,
         )
     except BaseException:
         cluster.shutdown()
@@ -97,7 +101,12 @@ _SERVE_IMPL = "ray.serve._private.default_impl"
 
 def _bind_grpc_to_loopback(module) -> None:
     def add_grpc_address(server, address: str) -> None:
-        server.add_insecure_port(address.replace("[::]", LOOPBACK, 1))
+        import ray
+
+        node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else LOOPBACK
+        if node_ip.startswith("127."):
+            address = address.replace("[::]", node_ip, 1)
+        server.add_insecure_port(address)
 
     module.add_grpc_address = add_grpc_address
 
@@ -119,7 +128,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def serve_on_loopback() -> None:
-    """Worker setup hook of the local cluster: Serve's gRPC proxy will listen on 127.0.0.1 only."""
+    """Worker setup hook: on a loopback node, Serve's gRPC proxy will listen on the node's address only."""
     if _SERVE_IMPL in sys.modules:
         _bind_grpc_to_loopback(sys.modules[_SERVE_IMPL])
     elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):

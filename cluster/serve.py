@@ -35,6 +35,13 @@ class Service:
     owns_ray: bool
     local_cluster: object | None = None  # ray.cluster_utils.Cluster of `--nodes`
 
+    @property
+    def ray_address(self) -> str:
+        """The GCS address of the cluster it runs on (what `--address` / RAY_ADDRESS take)."""
+        import ray
+
+        return ray.get_runtime_context().gcs_address
+
     def shutdown(self) -> None:
         import ray
         from ray import serve
@@ -45,13 +52,23 @@ class Service:
             serve.shutdown()
         finally:
             try:
-                ray.get(self.controller.shutdown.remote(), timeout=60)
+                if self.controller is not None:
+                    stop_controller(self.controller)
             finally:
-                ray.kill(self.controller, no_restart=True)
                 if self.owns_ray:
                     ray.shutdown()
                 if self.local_cluster is not None:
                     self.local_cluster.shutdown()
+
+
+def stop_controller(controller) -> None:
+    """Shut down every replica the controller started, then the controller itself."""
+    import ray
+
+    try:
+        ray.get(controller.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(controller, no_restart=True)
 
 
 def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
@@ -110,6 +127,64 @@ def ensure_model(cfg: RingpipeConfig, progress: bool = True) -> str:
     return cfg.model.directory
 
 
+def start_controller(cfg: RingpipeConfig):
+    """The controller of this cluster, started (it starts the replicas) unless it already runs.
+
+    Detached and on the head node (where the GCS lives: the last node to go), whichever node that
+    is; a soft affinity to it is not kept when the head has no CPUs (the local multi-node cluster).
+    """
+    import ray
+
+    controller = Controller.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        resources={HEAD_RESOURCE: 0.001},
+    ).remote(cfg.replica_spec(), controller_settings(cfg))
+    ray.get(controller.start.remote())
+    return controller
+
+
+def listen_host(cfg: RingpipeConfig, mode: str) -> str:
+    """Where the proxies listen: `server.host`, or with `auto` loopback on loopback clusters, else everywhere."""
+    import ray
+
+    if cfg.server.host != "auto":
+        return cfg.server.host
+    if mode == "local":
+        return LOOPBACK
+    node_ip = ray.util.get_node_ip_address()
+    return node_ip if node_ip.startswith("127.") else "0.0.0.0"
+
+
+def serve_options(cfg: RingpipeConfig, host: str, mode: str = "joined") -> dict:
+    """The keyword arguments of `serve.start` for this config (the same keys as a Serve config file)."""
+    from ray.serve.config import gRPCOptions
+
+    return {
+        # local mode: one proxy, on the head; local nodes share one address, so per-node proxies would clash
+        "proxy_location": "HeadOnly" if mode == "local" else cfg.server.proxy_location,
+        "http_options": {"host": host, "port": cfg.server.http_port},
+        "grpc_options": gRPCOptions(
+            port=cfg.server.port,
+            grpc_servicer_functions=SERVICER_FUNCTIONS,
+            request_timeout_s=cfg.server.request_timeout_s,
+        ),
+    }
+
+
+def run_app(cfg: RingpipeConfig, mode: str, ready_timeout_s: float) -> str:
+    """Start Serve's proxies and the coordinator app; returns the gRPC target once it answers SERVING."""
+    import ray
+    from ray import serve
+
+    host = listen_host(cfg, mode)
+    serve.start(**serve_options(cfg, host, mode))
+    app = build_app(coordinator_settings(cfg), cfg.server.coordinators, cfg.server.max_ongoing_requests)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    target = f"{ray.util.get_node_ip_address() if host == '0.0.0.0' else host}:{cfg.server.port}"
+    wait_serving(target, ready_timeout_s)
+    return target
+
+
 def start_service(
     cfg: RingpipeConfig,
     address: str | None = None,
@@ -118,13 +193,11 @@ def start_service(
     nodes: int | None = None,
 ) -> Service:
     """Start everything; `nodes`: first start a local cluster of a head and that many worker nodes."""
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    settings = coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
-    controller_cfg = controller_settings(cfg)
+    coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
+    controller_settings(cfg)
     ensure_model(cfg, progress)
+    import ray
+
     owns_ray = not ray.is_initialized()
     local_cluster = None
     if nodes:
@@ -132,30 +205,10 @@ def start_service(
         mode = "local"
     else:
         mode = init_ray(address)
-    # On the head node (where the GCS lives: the last node to go), whichever node that is; a soft
-    # affinity to it is not kept when the head has no CPUs (as in the local multi-node cluster).
-    controller = Controller.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", resources={HEAD_RESOURCE: 0.001}
-    ).remote(
-        cfg.replica_spec(), controller_cfg
-    )
+    controller = None
     try:
-        ray.get(controller.start.remote())
-        on_loopback = mode == "local" or ray.util.get_node_ip_address().startswith("127.")
-        serve.start(
-            # one proxy, on the head: several local nodes share one address, so per-node proxies would clash
-            proxy_location="HeadOnly" if mode == "local" else "EveryNode",
-            http_options={"host": LOOPBACK if on_loopback else "0.0.0.0", "port": cfg.server.http_port},
-            grpc_options=gRPCOptions(
-                port=cfg.server.port,
-                grpc_servicer_functions=SERVICER_FUNCTIONS,
-                request_timeout_s=cfg.server.request_timeout_s,
-            ),
-        )
-        app = build_app(settings, cfg.server.coordinators, cfg.server.max_ongoing_requests)
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        target = f"{LOOPBACK if on_loopback else ray.util.get_node_ip_address()}:{cfg.server.port}"
-        wait_serving(target, ready_timeout_s)
+        controller = start_controller(cfg)
+        target = run_app(cfg, mode, ready_timeout_s)
     except BaseException:
         Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise
