@@ -1,13 +1,17 @@
 """Chaos tooling: break a running ringpipe service the ways real clusters break.
 
-Each function takes the controller's handle (`ray.get_actor(CONTROLLER_NAME,
-namespace=NAMESPACE)`) and a ring position (`replica-0` …), finds what serves
-it now, and breaks that: kill a stage actor (a crashed process), pause its
+Stage faults take the controller's handle (`ray.get_actor(CONTROLLER_NAME,
+namespace=NAMESPACE)`) and a ring position (`replica-0` …), find what serves
+it now, and break that: kill a stage actor (a crashed process), pause its
 process with SIGSTOP (a hung one, or one cut off by a partition; SIGCONT brings
-it back), delay its heartbeats (a slow host), kill a whole worker node (its
-raylet and every worker on it), or kill the controller itself. Used by the
-failover tests and benchmarks; the process signals only work on the machine
-that runs the stage (a local cluster).
+it back), delay its heartbeats (a slow host), or kill the controller itself.
+The process signals of these only work on the machine that runs the stage.
+
+Node faults work on any cluster: `node_fault` runs a Ray task on the node that
+starts `cluster.node_fault` there, which kills the node's raylet and every
+process under it, pauses them all, or hogs its CPUs. `restart_node` starts a
+new node like a dead one on this machine (local clusters, where no autoscaler
+brings nodes back). `ringpipe chaos` (cluster/chaos_run.py) drives these.
 """
 
 from __future__ import annotations
@@ -77,6 +81,73 @@ def kill_node(cluster, node_id: str) -> None:
     if node is None:
         raise LookupError(f"node {node_id} is not a worker node of this local cluster")
     cluster.remove_node(node, allow_graceful=False)
+
+
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+def worker_nodes() -> list[dict]:
+    """The live nodes other than the head (`ray.nodes()` entries): the ones chaos may break."""
+    return [n for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE not in n["Resources"]]
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _start_node_fault(action: str, seconds: float) -> dict:
+    import subprocess
+    import sys
+
+    import psutil
+
+    raylet = psutil.Process(os.getppid())  # a worker's parent is its node's raylet
+    if "raylet" not in raylet.name():
+        raise RuntimeError(f"this worker's parent is {raylet.name()!r}, not a raylet")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.node_fault", action, str(raylet.pid), str(seconds)],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return {"raylet_pid": raylet.pid, "fault_pid": proc.pid}
+
+
+def node_fault(node_id: str, action: str, seconds: float = 0.0, timeout_s: float = 30.0) -> dict:
+    """`action` ("kill", "pause", "slow") on the node `node_id`, from a task placed there; returns once started."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = _start_node_fault.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    return ray.get(task.remote(action, seconds), timeout=timeout_s)
+
+
+def restart_node(node: dict, gcs_address: str, log: str | None = None):
+    """Start a node like `node` (the `ray.nodes()` entry of a dead one: its address and resources) on
+    this machine, joined to `gcs_address`; returns the `cluster.local_node` process (SIGTERM stops the node)."""
+    import json
+    import subprocess
+    import sys
+
+    resources = node["Resources"]
+    spec = {
+        "ip": node["NodeManagerAddress"],
+        "num_cpus": int(resources.get("CPU", 0)),
+        "num_gpus": int(resources.get("GPU", 0)),
+        "resources": {k: v for k, v in resources.items()
+                      if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")},
+        "object_store_memory": int(resources.get("object_store_memory", 200 << 20)),
+    }
+    out = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 — the child holds it
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.local_node", gcs_address, json.dumps(spec)],
+        start_new_session=True, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+    )
+
+
+def coordinator_replicas() -> list[str]:
+    """The names of the coordinator's Serve replica actors (namespace "serve")."""
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith("SERVE_REPLICA::ringpipe#"))
+
+
+def kill_coordinator(name: str) -> None:
+    """A coordinator replica's process dies; Serve starts another."""
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
 def kill_controller(controller, timeout_s: float = 60.0) -> None:

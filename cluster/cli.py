@@ -26,6 +26,9 @@ import threading
 import time
 from pathlib import Path
 
+from cluster.chaos_report import (
+    FAULTS,  # not from chaos_run: Ray must not be imported before prepare_local
+)
 from cluster.config import (
     LOCAL_DEFAULTS,
     ConfigError,
@@ -136,6 +139,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve_config.add_argument(
         "--cluster-path", help="where the service config lies on the cluster's nodes (default: --config, resolved)"
     )
+
+    chaos = sub.add_parser(
+        "chaos",
+        help="inject faults into a running service under load; report what was lost (exit 1 if anything)",
+        description="Join the cluster of a running service (RAY_ADDRESS / --address), compute the failure-free "
+        "answers of a request pool, run load against --target while injecting a fault every --every for "
+        "--duration, then write report.json, summary.md and timeline.png to --report. Invariants: every "
+        "request answered, every output equal to its failure-free reference, no streamed token repeated or "
+        "lost, every fault injected; the exit status is 1 when one broke.",
+    )
+    chaos.add_argument("--fault", action="append", choices=FAULTS,
+                       help="fault kind, repeatable: each fault is drawn from these (default: kill-node)")
+    chaos.add_argument("--every", default="30s", help="time between faults: 30s, or a range 30-60s")
+    chaos.add_argument("--duration", default="10m", help="how long faults are injected (s, m, h)")
+    chaos.add_argument("--seed", type=int, default=0, help="draws faults, targets, gaps and requests")
+    chaos.add_argument("--report", type=Path, required=True, help="directory for the report")
+    chaos.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
+    chaos.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    chaos.add_argument("--restart-nodes", action="store_true",
+                       help="start a killed node again on this machine (local clusters; elsewhere the autoscaler does)")
+    load = chaos.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=_positive, default=4, help="requests in flight")
+    load.add_argument("--rate", type=float, default=None, help="or: requests per second (Poisson arrivals)")
+    chaos.add_argument("--max-new-tokens", type=_positive, default=32)
+    chaos.add_argument("--stream-fraction", type=float, default=0.5, help="share of requests that stream")
+    chaos.add_argument("--sampled-fraction", type=float, default=0.25,
+                       help="share of the pool sampled with a fixed seed (the rest greedy)")
+    chaos.add_argument("--pool", type=_positive, default=16, help="distinct requests, each with its reference")
+    chaos.add_argument("--prompts", type=Path, help="text prompts, one per line (default: random token ids < 256)")
+    chaos.add_argument("--warmup", default="10s", help="load before the first fault")
+    chaos.add_argument("--cooldown", default="20s", help="load after the last fault has recovered")
+    chaos.add_argument("--pause", default="5s", help="how long pause-node stops a node")
+    chaos.add_argument("--slow", default="10s", help="how long slow-node hogs a node's CPUs")
+    chaos.add_argument("--request-timeout", default="120s", help="deadline of each request")
+    for action in chaos._actions:
+        if action.help and action.default not in (None, False, argparse.SUPPRESS):
+            action.help += " (default: %(default)s)"
 
     def client_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
@@ -393,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_model_create(args) if args.model_command == "create" else cmd_model_demo(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "chaos":
+            from cluster.chaos_run import cmd_chaos
+
+            return cmd_chaos(args)
         if args.command in ("deploy", "undeploy", "serve-config"):
             from cluster import deploy
 

@@ -27,8 +27,11 @@ LOOPBACK_HOOK = {"worker_process_setup_hook": "cluster.local.serve_on_loopback"}
 
 
 def prepare_local(address: str | None = None) -> None:
-    """Before Ray is first imported: keep a local cluster on loopback (Ray reads this at import)."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    """Before Ray is first imported: keep a local cluster, or one joined on a loopback address, on
+    loopback (Ray reads this at import; else it rewrites 127.0.0.1 to the machine's outward address)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    host = (address or "").removeprefix("ray://").rsplit(":", 1)[0]
+    if not address or host.startswith("127.") or host == "localhost":
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

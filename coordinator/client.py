@@ -69,6 +69,7 @@ class Piece:
     timings: dict[str, float] = field(default_factory=dict)
     epoch: int = 0  # the membership epoch at which `replica_id` took its ring position
     resumes: int = 0  # times this client reopened the stream (a coordinator was lost) before this piece
+    repeated: int = 0  # tokens the server sent again in this message, dropped here (a server-side bug)
 
 
 def build_request(
@@ -146,7 +147,7 @@ class _Resumable:
             return None
         piece = Piece(
             new, msg.text_delta, msg.offset + min(skip, len(ids)), msg.served_by.replica_id, reason,
-            epoch=msg.served_by.epoch, resumes=self.calls - 1,
+            epoch=msg.served_by.epoch, resumes=self.calls - 1, repeated=min(skip, len(ids)),
         )
         if msg.HasField("usage"):
             piece.usage = {"prompt_tokens": msg.usage.prompt_tokens, "completion_tokens": msg.usage.completion_tokens}

@@ -107,6 +107,14 @@ class Controller:
                 return self._membership
         count = self.settings.replicas + self.settings.standby
         pipelines = [self._new_pipeline() for _ in range(count)]
+        used: set[str] = set()
+        try:
+            for p in pipelines:  # one after another, each kept off the nodes of those before where it fits
+                used.update(p.place(self.settings.start_timeout_s, frozenset(used)))
+        except Exception as exc:
+            for p in pipelines:
+                p.shutdown()
+            raise RuntimeError(f"replicas could not be placed: {exc}") from exc
         with ThreadPoolExecutor(count) as pool:
             futures = [pool.submit(p.start, self.settings.start_timeout_s) for p in pipelines]
             errors = [f"{p.name}: {exc}" for p, f in zip(pipelines, futures, strict=True) if (exc := f.exception())]
@@ -191,6 +199,13 @@ class Controller:
         with self._lock:
             self._unsettled.add(pipeline.name)
         threading.Thread(target=run, daemon=True).start()
+
+    def _nodes_in_use(self) -> frozenset[str]:
+        """The nodes the live pipelines' stages run on: a new pipeline keeps off them where it fits."""
+        with self._lock:
+            live = set(self._pipelines)
+            return frozenset(stage.node_id for name, stages in self._stage_infos.items() if name in live
+                             for stage in stages)
 
     def _take_slot(self, slot: str, pipeline: Replica, stages: tuple[StageInfo, ...]) -> None:
         self._epoch += 1
@@ -450,6 +465,7 @@ class Controller:
         while not self._stopped.is_set():
             pipeline = self._new_pipeline()
             try:
+                pipeline.place(self.settings.start_timeout_s, self._nodes_in_use())
                 pipeline.start(self.settings.start_timeout_s)
                 stages = _stage_infos(pipeline)
                 break

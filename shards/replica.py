@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shards.actor import StageActor
@@ -106,19 +106,47 @@ class Replica:
         replica._pg = ray.util.get_placement_group(replica.pg_name)
         return replica
 
-    def start(self, timeout_s: float = 300.0) -> list[dict]:
-        """Place, connect, load and start every stage; returns each stage's memory report."""
+    def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(), avoid_wait_s: float = 3.0) -> list[str]:
+        """Reserve the stages' resources (the placement group); returns the node id of each bundle.
+
+        `avoid`: nodes to keep off (other replicas' nodes, so one node's failure takes fewer of
+        them), asked of Ray through each bundle's label selector on `ray.io/node-id`. Soft: when
+        that cannot be placed within `avoid_wait_s`, the group is placed anywhere."""
         spec = self.spec
-        tp = spec.tensor_parallel
         # one bundle (one process) per tensor-parallel rank of every stage: rank = stage * tp + t
         bundle = {"CPU": spec.cpus_per_stage, **({"GPU": 1} if spec.device == "cuda" else {})}
-        ranks = [(plan, t) for plan in self.plans for t in range(tp)]
+        bundles = [dict(bundle) for _ in range(len(self.plans) * spec.tensor_parallel)]
         lifetime = {"lifetime": "detached"} if self.detached else {}
-        self._pg = placement_group(
-            [dict(bundle) for _ in ranks], strategy=spec.placement_strategy, name=self.pg_name, **lifetime
-        )
+        if avoid:
+            selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid))})"} for _ in bundles]
+            self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name,
+                                       bundle_label_selector=selector, **lifetime)
+            try:
+                ray.get(self._pg.ready(), timeout=avoid_wait_s)
+                return self._bundle_nodes()
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(self._pg)
+        self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name, **lifetime)
         try:
             ray.get(self._pg.ready(), timeout=timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+        return self._bundle_nodes()
+
+    def _bundle_nodes(self) -> list[str]:
+        table = placement_group_table(self._pg)["bundles_to_node_id"]
+        return [table[i] for i in sorted(table)]
+
+    def start(self, timeout_s: float = 300.0) -> list[dict]:
+        """Place (unless `place` did), connect, load and start every stage; returns each stage's memory report."""
+        spec = self.spec
+        tp = spec.tensor_parallel
+        ranks = [(plan, t) for plan in self.plans for t in range(tp)]
+        lifetime = {"lifetime": "detached"} if self.detached else {}
+        if self._pg is None:
+            self.place(timeout_s)
+        try:
             self.actors = [
                 StageActor.options(
                     num_cpus=spec.cpus_per_stage,

@@ -1,0 +1,289 @@
+"""`ringpipe chaos`: faults injected into a running service under load, and a report that proves
+what was lost (nothing, or the run fails).
+
+The run joins the cluster (RAY_ADDRESS / `--address`), answers the request pool
+once while nothing is broken (the references), starts the load, lets it settle
+for the warm-up, then injects a fault every `--every` seconds (a range draws
+each gap) for `--duration`, each of a kind drawn from `--fault`:
+  kill-node         a worker node's raylet and every process under it (never the head)
+  kill-actor        one stage actor of a replica or standby
+  kill-coordinator  one coordinator replica of the Serve app
+  pause-node        SIGSTOP a worker node's processes for `--pause`, then SIGCONT
+  slow-node         CPU hogs on a worker node for `--slow`
+A watcher per fault measures detection (the controller's failover verdict on a
+pipeline the fault touched, or the replica paused for a slow node) and recovery
+(the membership whole again: every ring position filled and accepting, the
+standbys back, no touched pipeline left, the nodes back, the coordinators
+back). With `--restart-nodes`, a killed node, or one Ray declared dead while
+paused, is started again on this machine (local clusters: on a real one the
+autoscaler does it). Load goes on for `--cooldown` after the last fault, then
+the report is written (cluster/chaos_report.py); the exit status is 1 when an
+invariant broke.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster import chaos
+from cluster.load import Load, LoadSettings, make_pool, references
+from cluster.node_fault import GRACE_S as FAULT_DELAY_S
+
+POLL_S = 0.2
+
+
+def duration(text: str) -> float:
+    """Seconds from "90", "30s", "10m", "1.5h"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 10m or 1h, got {text!r}")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def interval(text: str) -> tuple[float, float]:
+    """"30s" → (30, 30); "30-60s" → (30, 60): each gap drawn uniformly from the range."""
+    low, _, high = text.partition("-")
+    unit = re.sub(r"[\d.\s]", "", high or low)
+    bounds = (duration(low if not high else low + unit), duration(high or low))
+    if bounds[0] <= 0 or bounds[0] > bounds[1]:
+        raise ValueError(f"expected a positive duration or range like 30-60s, got {text!r}")
+    return bounds
+
+
+@dataclass(frozen=True)
+class ChaosSettings:
+    target: str
+    report: Path
+    faults: tuple[str, ...] = ("kill-node",)
+    every_s: tuple[float, float] = (30.0, 30.0)
+    duration_s: float = 600.0
+    seed: int = 0
+    restart_nodes: bool = False
+    warmup_s: float = 10.0
+    cooldown_s: float = 20.0
+    pause_s: float = 5.0
+    slow_s: float = 10.0
+    recovery_timeout_s: float = 180.0
+    pool: int = 16
+    sampled_fraction: float = 0.25
+    prompts: tuple[str, ...] = ()
+    load: LoadSettings = field(default_factory=LoadSettings)
+
+
+class Run:
+    """One chaos run: the cluster's handles, the targets it must return to, the faults so far."""
+
+    def __init__(self, settings: ChaosSettings) -> None:
+        import ray
+
+        from failover.controller import CONTROLLER_NAME, NAMESPACE
+
+        self.settings = settings
+        self.rng = random.Random(settings.seed)
+        self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        self.replicas = len(ray.get(self.controller.membership.remote()).members)
+        self.standby = len(ray.get(self.controller.standbys.remote()))
+        self.nodes = len(chaos.worker_nodes())
+        self.coordinators = len(chaos.coordinator_replicas())
+        self.gcs_address = ray.get_runtime_context().gcs_address
+        self.faults: list[dict] = []
+        self.restarted: list = []  # `ray start --block` processes of restarted nodes
+        self.broken: set[str] = set()  # nodes killed, or paused or slowed now: not chosen again
+        self.watchers: list[threading.Thread] = []
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    # -- faults
+    def inject(self, kind: str) -> None:
+        import ray
+
+        fault = {"kind": kind, "target": None, "t": self.now(), "duration_s": None, "detected_s": None,
+                 "recovered_s": None, "error": None}
+        wall = time.time()
+        pipelines = ray.get(self.controller.pipeline_nodes.remote())
+        touched: set[str] = set()
+        node = None
+        try:
+            if kind in ("kill-node", "pause-node", "slow-node"):
+                candidates = [n for n in chaos.worker_nodes() if n["NodeID"] not in self.broken]
+                if not candidates:
+                    raise LookupError("no worker node left to break")
+                node = self.rng.choice(candidates)
+                self.broken.add(node["NodeID"])
+                fault["target"] = f"node {node['NodeID'][:12]} ({node['NodeManagerAddress']})"
+                touched = {p for p, stages in pipelines.items() if any(s["node_id"] == node["NodeID"] for s in stages)}
+                action, seconds = {"kill-node": ("kill", 0.0), "pause-node": ("pause", self.settings.pause_s),
+                                   "slow-node": ("slow", self.settings.slow_s)}[kind]
+                chaos.node_fault(node["NodeID"], action, seconds)
+                # the fault starts once its process there waited for the task to answer
+                fault["t"], wall = self.now() + FAULT_DELAY_S, time.time() + FAULT_DELAY_S
+                fault["duration_s"] = seconds or None
+            elif kind == "kill-actor":
+                pipeline = self.rng.choice(sorted(pipelines))
+                stage = self.rng.randrange(len(pipelines[pipeline]))
+                fault["target"] = f"{pipeline}.stage-{stage}"
+                touched = {pipeline}
+                chaos.kill_stage(chaos.StageProcess("", 0, pipeline, stage, f"{pipeline}.stage-{stage}.tp0", "", 0))
+            elif kind == "kill-coordinator":
+                name = self.rng.choice(chaos.coordinator_replicas())
+                fault["target"] = name.split("#")[-1]
+                fault["actor"] = name
+                chaos.kill_coordinator(name)
+            else:
+                raise ValueError(f"unknown fault {kind!r}")
+        except Exception as exc:  # noqa: BLE001 — a fault that could not be injected is reported, not fatal
+            fault["error"] = f"{type(exc).__name__}: {exc}"
+        fault["touched"] = sorted(touched)
+        self.faults.append(fault)
+        if fault["error"] is None:
+            watcher = threading.Thread(target=self._watch, args=(fault, wall, touched, node), daemon=True)
+            watcher.start()
+            self.watchers.append(watcher)
+
+    def _watch(self, fault: dict, wall: float, touched: set[str], node: dict | None) -> None:
+        """Fill in the fault's detection and recovery times (seconds after it was injected)."""
+        import ray
+
+        t, kind = fault["t"], fault["kind"]
+        node_back = node is None
+        deadline = t + (fault["duration_s"] or 0) + self.settings.recovery_timeout_s
+        while self.now() < deadline:
+            try:
+                if fault["detected_s"] is None:
+                    fault["detected_s"] = self._detected(kind, wall, touched)
+                if not node_back:
+                    node_back = self._node_back(fault, node)
+                if node_back and (fault["detected_s"] is not None or not touched) and self._whole(touched, fault):
+                    fault["recovered_s"] = round(self.now() - t, 3)
+                    return
+            except ray.exceptions.RayError:
+                pass  # the controller restarting: ask again
+            time.sleep(POLL_S)
+
+    def _detected(self, kind: str, wall: float, touched: set[str]) -> float | None:
+        import ray
+
+        if kind == "slow-node":
+            members = ray.get(self.controller.membership.remote()).members
+            if any(not m.accepting and m.pipeline in touched for m in members):
+                return round(time.time() - wall, 3)
+            return None
+        verdicts = [f["at"] for f in ray.get(self.controller.failovers.remote())
+                    if f["pipeline"] in touched and f["at"] >= wall - 0.5]
+        return round(max(0.0, min(verdicts) - wall), 3) if verdicts else None
+
+    def _node_back(self, fault: dict, node: dict) -> bool:
+        """The fault on `node` over: a slowed or paused node running again (or, if Ray declared it
+        dead meanwhile, restarted), a killed one restarted. Restarts only with `--restart-nodes`;
+        without, a node that died is not waited for."""
+        import ray
+
+        if self.now() < fault["t"] + (fault["duration_s"] or 0):
+            return False
+        killed = fault["kind"] == "kill-node"
+        dead = killed or not any(n["NodeID"] == node["NodeID"] and n["Alive"] for n in ray.nodes())
+        if not dead:
+            self.broken.discard(node["NodeID"])
+            return True
+        if not self.settings.restart_nodes:
+            return True
+        if not fault.get("restarted"):
+            fault["restarted"] = True
+            self.restarted.append(chaos.restart_node(node, self.gcs_address, str(self.settings.report / "nodes.log")))
+        return len([n for n in chaos.worker_nodes() if n["NodeID"] not in self.broken]) >= self.nodes
+
+    def _whole(self, touched: set[str], fault: dict) -> bool:
+        import ray
+
+        members = ray.get(self.controller.membership.remote()).members
+        standbys = ray.get(self.controller.standbys.remote())
+        live = {m.pipeline for m in members} | set(standbys)
+        return (len(members) == self.replicas and all(m.accepting for m in members)
+                and len(standbys) == self.standby and not (touched & live)
+                and len(chaos.coordinator_replicas()) >= self.coordinators
+                and fault.get("actor") not in chaos.coordinator_replicas())
+
+
+def run(settings: ChaosSettings, address: str | None = None, token: str | None = None, progress: bool = True) -> dict:
+    """The whole run; returns the record (also written, with the summary and the plot, to `settings.report`)."""
+    from cluster.chaos_report import write_report
+    from cluster.local import init_ray
+    from coordinator.client import Client
+
+    init_ray(address)
+    settings.report.mkdir(parents=True, exist_ok=True)
+    chaos_run = Run(settings)
+    say = print if progress else (lambda *a, **k: None)
+    pool = make_pool(settings.pool, settings.seed, settings.sampled_fraction, list(settings.prompts) or None)
+    say(f"references: {len(pool)} requests answered before any fault…", flush=True)
+    with Client(settings.target, token=token, retries=20) as client:
+        expected = references(client, pool, settings.load.max_new_tokens)
+    started_at = time.time()
+    chaos_run.t0 = time.monotonic()
+    load = Load(settings.target, pool, expected, settings.load, settings.seed, chaos_run.t0, token)
+    load.start()
+    try:
+        time.sleep(settings.warmup_s)
+        faults_start = chaos_run.now()
+        while chaos_run.now() < faults_start + settings.duration_s:
+            kind = chaos_run.rng.choice(settings.faults)
+            chaos_run.inject(kind)
+            last = chaos_run.faults[-1]
+            say(f"[{last['t']:7.1f}s] {kind} {last['target'] or ''}{' FAILED: ' + last['error'] if last['error'] else ''}",
+                flush=True)
+            gap = chaos_run.rng.uniform(*settings.every_s)
+            time.sleep(max(0.0, min(gap, faults_start + settings.duration_s - chaos_run.now())))
+        faults_end = chaos_run.now()
+        for watcher in chaos_run.watchers:
+            watcher.join()
+        time.sleep(settings.cooldown_s)
+    finally:
+        load.stop()
+    record = {
+        "version": 1, "started_at": started_at, "target": settings.target,
+        "settings": {**asdict(settings), "report": str(settings.report)},
+        "load_start": 0.0, "faults_start": faults_start, "faults_end": faults_end, "load_end": chaos_run.now(),
+        "faults": chaos_run.faults, "requests": sorted(load.records, key=lambda r: r["t_start"]),
+        "restarted_nodes": [p.pid for p in chaos_run.restarted],
+    }
+    write_report(record, settings.report)
+    return record
+
+
+def cmd_chaos(args) -> int:
+    import sys
+
+    from cluster.call import TOKEN_ENV
+    from cluster.chaos_report import summarize
+
+    try:
+        settings = ChaosSettings(
+            target=args.target, report=args.report, faults=tuple(args.fault or ("kill-node",)),
+            every_s=interval(args.every), duration_s=duration(args.duration), seed=args.seed,
+            restart_nodes=args.restart_nodes, warmup_s=duration(args.warmup), cooldown_s=duration(args.cooldown),
+            pause_s=duration(args.pause), slow_s=duration(args.slow), pool=args.pool,
+            sampled_fraction=args.sampled_fraction,
+            prompts=tuple(Path(args.prompts).read_text().splitlines()) if args.prompts else (),
+            load=LoadSettings(
+                concurrency=None if args.rate else args.concurrency, rate=args.rate,
+                max_new_tokens=args.max_new_tokens, stream_fraction=args.stream_fraction,
+                request_timeout_s=duration(args.request_timeout),
+            ),
+        )
+    except (ValueError, OSError) as exc:
+        print(f"ringpipe: error: {exc}", file=sys.stderr)
+        return 2
+    record = run(settings, args.address, os.environ.get(TOKEN_ENV) or None)
+    summary = summarize(record)
+    print((settings.report / "summary.md").read_text())
+    for line in summary["violations"]:
+        print(f"INVARIANT BROKEN: {line}", file=sys.stderr)
+    return 1 if summary["violations"] else 0
