@@ -4,7 +4,7 @@ what was lost (nothing, or the run fails).
 The run joins the cluster (RAY_ADDRESS / `--address`), answers the request pool
 once while nothing is broken (the references), starts the load, lets it settle
 for the warm-up, then injects a fault every `--every` seconds (a range draws
-each gap) for `--duration`, each of a kind drawn from `--fault`:
+each gap) for `--duration`, each of a kind drawn from `--fault` (every kind once per round, in a drawn order):
   kill-node         a worker node's raylet and every process under it (never the head)
   kill-actor        one stage actor of a replica or standby
   kill-coordinator  one coordinator replica of the Serve app
@@ -161,7 +161,10 @@ class Run:
                     fault["detected_s"] = self._detected(kind, wall, touched)
                 if not node_back:
                     node_back = self._node_back(fault, node)
-                if node_back and (fault["detected_s"] is not None or not touched) and self._whole(touched, fault):
+                # a kill that touched a pipeline is over once the controller saw it; a pause or a
+                # slowdown may be too short to be noticed at all
+                seen = fault["detected_s"] is not None or not touched or not kind.startswith("kill-")
+                if node_back and seen and self._whole(touched if kind.startswith("kill-") else set(), fault):
                     fault["recovered_s"] = round(self.now() - t, 3)
                     return
             except ray.exceptions.RayError:
@@ -233,8 +236,11 @@ def run(settings: ChaosSettings, address: str | None = None, token: str | None =
     try:
         time.sleep(settings.warmup_s)
         faults_start = chaos_run.now()
+        kinds: list[str] = []
         while chaos_run.now() < faults_start + settings.duration_s:
-            kind = chaos_run.rng.choice(settings.faults)
+            if not kinds:  # each kind once per round, in a drawn order
+                kinds = chaos_run.rng.sample(settings.faults, len(settings.faults))
+            kind = kinds.pop()
             chaos_run.inject(kind)
             last = chaos_run.faults[-1]
             say(f"[{last['t']:7.1f}s] {kind} {last['target'] or ''}{' FAILED: ' + last['error'] if last['error'] else ''}",
@@ -253,6 +259,8 @@ def run(settings: ChaosSettings, address: str | None = None, token: str | None =
         "load_start": 0.0, "faults_start": faults_start, "faults_end": faults_end, "load_end": chaos_run.now(),
         "faults": chaos_run.faults, "requests": sorted(load.records, key=lambda r: r["t_start"]),
         "restarted_nodes": [p.pid for p in chaos_run.restarted],
+        "pool": [{"prompt": list(e.prompt) if isinstance(e.prompt, tuple) else e.prompt, "sampling": e.sampling,
+                  "expected": ids} for e, ids in zip(pool, expected, strict=True)],
     }
     write_report(record, settings.report)
     return record

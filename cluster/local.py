@@ -10,6 +10,8 @@ hook (`serve_on_loopback`) that, on a node whose address is a loopback one
 (127.0.0.1 here, 127.0.0.2… for the nodes of a test cluster from `ray up`),
 rewrites that address to the node's own in the proxy's process, through the
 function Serve names as its extension point for it (`default_impl.add_grpc_address`).
+Every Serve replica also opens an internal gRPC server on `[::]:0`; the same
+hook moves it to the node's address (`replica.add_port_to_grpc_server`).
 The hook runs in every worker of the job, so it only arms an import hook: the
 patch happens if and when a worker imports that module (the proxy does).
 """
@@ -99,32 +101,50 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
     return cluster
 
 
-_SERVE_IMPL = "ray.serve._private.default_impl"
+def _on_loopback(address: str) -> str:
+    """`[::]:port` (every interface) as the node's own address, on a node whose address is a loopback one."""
+    import ray
+
+    node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else LOOPBACK
+    return address.replace("[::]", node_ip, 1) if node_ip.startswith("127.") else address
 
 
-def _bind_grpc_to_loopback(module) -> None:
+def _patch_proxy(module) -> None:
+    """Serve's gRPC proxy binds through `default_impl.add_grpc_address`."""
     def add_grpc_address(server, address: str) -> None:
-        import ray
-
-        node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else LOOPBACK
-        if node_ip.startswith("127."):
-            address = address.replace("[::]", node_ip, 1)
-        server.add_insecure_port(address)
+        server.add_insecure_port(_on_loopback(address))
 
     module.add_grpc_address = add_grpc_address
 
 
+def _patch_replica(module) -> None:
+    """Every Serve replica opens an internal gRPC server on `[::]:0` (`replica.add_port_to_grpc_server`)."""
+    add_port = module.add_port_to_grpc_server
+
+    def add_port_to_grpc_server(server, address: str):
+        return add_port(server, _on_loopback(address))
+
+    module.add_port_to_grpc_server = add_port_to_grpc_server
+
+
+_PATCHES = {"ray.serve._private.default_impl": _patch_proxy, "ray.serve._private.replica": _patch_replica}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != _SERVE_IMPL:
+        patch = _PATCHES.get(name)
+        if patch is None or getattr(self, "_busy", False):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._busy = True  # find_spec below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy = False
         run_module = spec.loader.exec_module
 
         def exec_module(module) -> None:
             run_module(module)
-            _bind_grpc_to_loopback(module)
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
@@ -132,7 +152,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 def serve_on_loopback() -> None:
     """Worker setup hook: on a loopback node, Serve's gRPC proxy will listen on the node's address only."""
-    if _SERVE_IMPL in sys.modules:
-        _bind_grpc_to_loopback(sys.modules[_SERVE_IMPL])
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+    for name, patch in _PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())

@@ -116,9 +116,14 @@ def interface_for(host: str) -> str | None:
 
 
 def open_rendezvous(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
-    """Stage 0's store on a free port of its node (port 0: the OS picks)."""
+    """Stage 0's store on a free port of its node's address only (TCPStore alone binds every interface)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
     return dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        host, port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+        master_listen_fd=sock.detach(), use_libuv=False,  # the store owns the socket now (libuv takes no fd)
     )
 
 

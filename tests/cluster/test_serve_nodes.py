@@ -40,6 +40,10 @@ def test_serve_with_worker_nodes(make_checkpoint, tmp_path):
         started = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
         raylets = [p for p in psutil.Process(server.pid).children(recursive=True) if "raylet" in p.name()]
         assert len(raylets) == 3, [p.name() for p in raylets]  # the head and 2 worker nodes
+        # nothing it started listens beyond loopback: Ray, Serve's proxy and replicas, the stages' stores
+        listening = {(proc.name(), c.laddr.ip, c.laddr.port) for proc in map(psutil.Process, [server.pid, *started])
+                     for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip, _ in listening), sorted(listening)
 
         target = f"127.0.0.1:{port}"
         cli = [sys.executable, "-m", "cluster.cli"]
