@@ -134,8 +134,9 @@ def test_broken_invariants_fail_the_run(served, tmp_path):
     report = tmp_path / "report"
     done, record = chaos(served, report, "--fault", "slow-node", "--every", "2s", "--duration", "2s",
                          "--warmup", "1s", "--cooldown", "1s", "--slow", "1s", "--request-timeout", "0.01s",
-                         "--concurrency", "2")
+                         "--rate", "8")  # the open-loop load: Poisson arrivals
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert record["settings"]["load"]["rate"] == 8
     failed = [r for r in record["requests"] if not r["ok"]]
     assert failed and all(r["error"].startswith("DEADLINE_EXCEEDED") for r in failed)
     assert "INVARIANT BROKEN" in done.stderr and "DEADLINE_EXCEEDED" in (report / "summary.md").read_text()
