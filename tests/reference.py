@@ -41,3 +41,23 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def stop_started(proc, started, sig: int, timeout_s: float = 120.0) -> None:
+    """Stop `proc` (started with `start_new_session=True`) with `sig`, its whole group if it does not
+    exit within `timeout_s`, then SIGKILL whatever of `started` (pids it started) is still there."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(1)
+    for pid in started:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -10,14 +10,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.reference import hf_greedy, wait_for
+from tests.reference import hf_greedy, stop_started, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -55,15 +54,7 @@ def served(make_checkpoint, tmp_path_factory):
         started = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
         yield f"127.0.0.1:{port}", address, checkpoint, env
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        time.sleep(1)
-        for pid in started:
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_started(server, started, signal.SIGINT)
 
 
 def chaos(served, report, *args: str, timeout: float = 400) -> tuple[subprocess.CompletedProcess, dict]:

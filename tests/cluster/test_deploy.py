@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import psutil
@@ -16,7 +15,7 @@ import yaml
 
 from coordinator.client import Client
 from tests.conftest import free_port
-from tests.reference import hf_greedy, wait_for
+from tests.reference import hf_greedy, stop_started, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -53,15 +52,7 @@ def ray_head(tmp_path_factory):
         yield address
     finally:
         started = [p.pid for p in psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        time.sleep(1)
-        for pid in started:
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_started(head, started, signal.SIGTERM, 60)  # `ray start --block` stops what it started
 
 
 def service_config(tmp_path, checkpoint) -> tuple:
