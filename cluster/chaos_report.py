@@ -182,13 +182,25 @@ def _table(columns: tuple[str, ...], rows: dict[str, dict[str, Any]]) -> list[st
               for name, row in rows.items())]
 
 
+def _detection(fault: Record) -> str:
+    """How the fault's detection reads. Only a pipeline the fault touched can be detected: a
+    node that held no stage, or a coordinator (Serve replaces those), has nothing to detect."""
+    if fault["detected_s"] is not None:
+        return f"detected after {fault['detected_s']:.2f} s"
+    if fault["kind"] == "kill-coordinator":
+        return "no pipeline touched (Serve replaces the coordinator)"
+    if fault.get("touched") == []:
+        return "no pipeline touched (the node held no stage)"
+    return "not detected"
+
+
 def _fault_line(fault: Record, grace_s: float, load_end: float) -> str:
     said = [f"lasted {fault['duration_s']:g} s"] if fault["duration_s"] is not None else []
     if fault["error"] is not None:
         said.append(f"not injected: {fault['error']}")
     else:
-        detected, recovered = fault["detected_s"], fault["recovered_s"]
-        said.append("not detected" if detected is None else f"detected after {detected:.2f} s")
+        recovered = fault["recovered_s"]
+        said.append(_detection(fault))
         said.append("not recovered within the run" if recovered is None
                     else f"recovered after {recovered:.2f} s")
         said.append(f"window to {window_end(fault, grace_s, load_end):.1f} s")

@@ -231,3 +231,20 @@ def test_a_run_without_faults_or_requests(tmp_path):
     assert summarize(empty)["phases"]["all"]["tokens_per_s"] is None
     with Image.open(paths["timeline"]) as image:
         assert image.size == (1600, 900)
+
+
+def test_a_fault_with_nothing_to_detect_says_why(tmp_path):
+    """Only a touched pipeline can be detected: a kill of a node that held no stage, or of a
+    coordinator, says so instead of reading as a missed detection."""
+    idle_node = {**fault(10.0, detected_s=None), "touched": []}
+    coordinator = {**fault(40.0, "kill-coordinator", detected_s=None), "touched": []}
+    missed = {**fault(70.0, detected_s=None), "touched": ["ringpipe-controller.p1"]}
+    seen = {**fault(100.0, detected_s=0.25), "touched": ["ringpipe-controller.p2"]}
+    rec = record([idle_node, coordinator, missed, seen], [request(0, 0.0, 1.0)])
+    lines = {line.split("**")[1] + "@" + line.split(" s ")[0]: line
+             for line in write_report(rec, tmp_path)["summary"].read_text().splitlines()
+             if line.startswith("- ") and "**" in line}
+    assert "no pipeline touched (the node held no stage)" in lines["kill-node@- 10.0"]
+    assert "no pipeline touched (Serve replaces the coordinator)" in lines["kill-coordinator@- 40.0"]
+    assert "not detected" in lines["kill-node@- 70.0"]
+    assert "detected after 0.25 s" in lines["kill-node@- 100.0"]
