@@ -1,6 +1,7 @@
 """`ray up` for real: configs/cluster-local.yaml brings up a 3-node Ray cluster over SSH on this one
-machine, its head deploys ringpipe, the service answers what transformers computes, and `ray down`
-leaves nothing running.
+machine, its head deploys ringpipe, the service answers what transformers computes, `ringpipe chaos`
+joined to it with the cluster's token pauses a node and kills a stage and the coordinator under load
+without losing anything, and `ray down` leaves nothing running.
 
 The "hosts" 127.0.0.2 (head), 127.0.0.3 and 127.0.0.4 (workers) are served by an sshd of the test's
 own, and the cluster runs as a user made for the test (tests/cluster/sshd.py), so `ray down` (whose
@@ -409,6 +410,31 @@ def test_cluster_listens_on_loopback_only(cluster):
     sshd = [line for line in subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout.splitlines()
             if f"pid={cluster.sshd.process.pid}," in line]
     assert sorted(line.split()[3] for line in sshd) == sorted(f"{ip}:22" for ip in [HEAD, *WORKERS])
+
+
+def test_chaos_against_the_cluster_loses_nothing(cluster, tmp_path):
+    """The operator's `ringpipe chaos`, joined through RAY_ADDRESS with the cluster's token: a node
+    paused by a task placed on it, a stage and the coordinator killed, under load; nothing lost."""
+    cluster.wait_deployed()
+    report = tmp_path / "chaos"
+    env = {**cluster.client_env, "RAY_ADDRESS": cluster.gcs_address}
+    done = subprocess.run([*CLI, "chaos", "--target", cluster.target, "--report", str(report),
+                           "--fault", "pause-node", "--fault", "kill-actor", "--fault", "kill-coordinator",
+                           "--every", "8s", "--duration", "20s", "--warmup", "2s", "--cooldown", "3s",
+                           "--pause", "3s", "--concurrency", "2", "--max-new-tokens", str(NEW_TOKENS),
+                           "--pool", "4", "--seed", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, excerpt(done.stdout + done.stderr, 4000)
+    record = json.loads((report / "report.json").read_text())
+    assert {f["kind"] for f in record["faults"]} == {"pause-node", "kill-actor", "kill-coordinator"}
+    assert all(f["error"] is None and f["recovered_s"] is not None for f in record["faults"]), record["faults"]
+    paused = next(f for f in record["faults"] if f["kind"] == "pause-node")
+    workers = {n["id"][:12] for n in cluster.nodes()["nodes"] if not n["head"]}
+    assert paused["target"].split()[1] in workers  # a worker node, never the head
+    requests = record["requests"]
+    assert requests and all(r["ok"] and not r["mismatch"] and not r["repeated"] and not r["lost"] for r in requests)
+    greedy = next(e for e in record["pool"] if not e["sampling"])
+    assert greedy["expected"] == hf_greedy(cluster.checkpoint, tuple(greedy["prompt"]), NEW_TOKENS)
 
 
 def test_ray_down_leaves_nothing_running(cluster):
