@@ -77,6 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "replica_id": r.replica_id, "state": STATES.get(r.state, str(r.state)), "epoch": r.epoch,
             "ring_share": round(r.ring_share, 4), "in_flight": r.in_flight, "queue_depth": r.queue_depth,
             "free_slots": r.free_slots, "total_slots": r.total_slots, "cached_prefixes": r.cached_prefixes,
+            "weight": round(r.weight, 3), "weight_reason": r.weight_reason,
             "stages": [
                 {"index": s.index, "node_id": s.node_id, "address": s.address, "layers": [s.layer_start, s.layer_end]}
                 for s in r.stages
@@ -92,16 +93,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
         for f in status.failovers
     ]
+    cp = status.control_plane
+    control_plane = {"registry_ok": cp.registry_ok, "registry_error": cp.registry_error,
+                     "monitor_stalls": cp.monitor_stalls}
     if args.json:
         print(json.dumps({"epoch": status.epoch, "standbys": status.standbys, "replicas": replicas,
-                          "failovers": failovers}))
+                          "failovers": failovers, "control_plane": control_plane}))
         return 0
     print(f"epoch {status.epoch}, {len(replicas)} replicas, {status.standbys} standby")
+    if not cp.registry_ok:
+        print(f"  registry degraded: {cp.registry_error} (serving goes on; the state is saved once it answers)")
     for r in replicas:
         nodes = ", ".join(f"stage {s['index']} {s['address']} ({s['node_id'][:8]})" for s in r["stages"])
         print(
             f"  {r['replica_id']:<12} {r['state']:<8} epoch {r['epoch']:<4} share {r['ring_share']:.3f}"
             f"  in-flight {r['in_flight']}  queued {r['queue_depth']}  free slots {r['free_slots']}/{r['total_slots']}"
+            f"  weight {r['weight']:.2f}{' (' + r['weight_reason'] + ')' if r['weight_reason'] else ''}"
             f"  [{nodes}]"
         )
     if failovers:

@@ -150,6 +150,24 @@ def kill_coordinator(name: str) -> None:
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
 
+def controller_pid() -> int:
+    """The process id of the live controller actor (it can be signalled from its own machine only)."""
+    from failover.controller import CONTROLLER_NAME
+
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    return ray.get(controller.health.remote(), timeout=30)["pid"]
+
+
+def pause_controller(seconds: float) -> None:
+    """A stalled controller: its process is stopped (SIGSTOP) for `seconds`, then continued."""
+    pid = controller_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def kill_controller(controller, timeout_s: float = 60.0) -> None:
     """The controller's process dies; Ray restarts it and it recovers membership from the registry.
 

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from failover.adaptive import AdaptiveSettings
 from shards.spec import ReplicaSpec
 
 
@@ -141,6 +142,12 @@ class SlowConfig(_Strict):
     threshold_ms: float = Field(200, gt=0, description="a heartbeat answered slower than this is slow")
     count: int = Field(5, ge=1, description="this many slow heartbeats in a row pause the replica")
     pause_s: float = Field(5.0, gt=0, description="how long a slow replica takes no new work")
+    max_paused_fraction: float = Field(
+        0.5, ge=0, le=1, description="never pause more than this fraction of serving replicas at once"
+    )
+    peer_factor: float = Field(
+        1.5, ge=1, description="a replica is slow only when its latency is also this many times its peers' median"
+    )
 
 
 class HeartbeatConfig(_Strict):
@@ -177,8 +184,41 @@ class RegistryConfig(_Strict):
     consul: ConsulConfig = ConsulConfig()
 
 
+class AdaptiveConfig(_Strict):
+    enabled: bool = Field(True, description="weigh each replica's load bound by its node's CPU")
+    hot_cpu: float = Field(0.8, gt=0, le=1, description="node CPU (a fraction) above which a node is hot")
+    hot_s: float = Field(10.0, gt=0, description="hot this long lowers the weight 30 % (again every further hot_s)")
+    idle_cpu: float = Field(0.2, ge=0, lt=1, description="node CPU (a fraction) below which a node is idle")
+    idle_s: float = Field(30.0, gt=0, description="idle this long raises the weight 20 % (again every further idle_s)")
+    recover_s: float = Field(10.0, gt=0, description="neither hot nor idle this long: one step back toward 1.0")
+    min_weight: float = Field(0.1, gt=0, le=1, description="the lowest weight")
+    max_weight: float = Field(2.0, ge=1, le=100, description="the highest weight")
+    stale_s: float = Field(5.0, gt=0, description="CPU samples further apart than this start the count again")
+
+    @model_validator(mode="after")
+    def _idle_below_hot(self) -> AdaptiveConfig:
+        if self.idle_cpu >= self.hot_cpu:
+            raise ValueError("idle_cpu must be smaller than hot_cpu")
+        return self
+
+    def adaptive_settings(self) -> AdaptiveSettings:
+        """The plain settings `failover.adaptive.AdaptiveWeights` runs on (−30 % / +20 % steps, as designed)."""
+        return AdaptiveSettings(
+            enabled=self.enabled,
+            hot_cpu=self.hot_cpu,
+            hot_s=self.hot_s,
+            idle_cpu=self.idle_cpu,
+            idle_s=self.idle_s,
+            recover_s=self.recover_s,
+            min_weight=self.min_weight,
+            max_weight=self.max_weight,
+            stale_s=self.stale_s,
+        )
+
+
 class FailoverConfig(_Strict):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig()
     takeover: TakeoverConfig = TakeoverConfig()
     registry: RegistryConfig = RegistryConfig()
 

@@ -22,6 +22,7 @@ from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from coordinator.service import CoordinatorSettings, Takeover
 from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
 from failover.heartbeat import HeartbeatSettings
+from failover.slow import SlowSettings
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
 
@@ -107,13 +108,15 @@ def controller_settings(cfg: RingpipeConfig) -> ControllerSettings:
     return ControllerSettings(
         replicas=cfg.replicas.count,
         standby=cfg.replicas.standby,
-        heartbeat=HeartbeatSettings(
-            interval_s=hb.interval_s,
-            timeout_s=hb.timeout_s,
-            slow_threshold_s=hb.slow.threshold_ms / 1000,
-            slow_count=hb.slow.count,
-            slow_pause_s=hb.slow.pause_s,
+        heartbeat=HeartbeatSettings(interval_s=hb.interval_s, timeout_s=hb.timeout_s),
+        slow=SlowSettings(
+            threshold_s=hb.slow.threshold_ms / 1000,
+            count=hb.slow.count,
+            pause_s=hb.slow.pause_s,
+            max_paused_fraction=hb.slow.max_paused_fraction,
+            peer_factor=hb.slow.peer_factor,
         ),
+        adaptive=cfg.failover.adaptive.adaptive_settings(),
         consul=consul,
     )
 

@@ -8,7 +8,8 @@ the routing benchmark compares against).
 
 `Router` is one coordinator's view of the membership: the ring built from the
 members taking new work, its own in-flight count per replica (for the load
-bound), and a fence per member, set when that member leaves the membership.
+bound; a member's adaptive weight scales its cap, not the keys it owns), and a
+fence per member, set when that member leaves the membership.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Router:
         """Route by `membership` from now on; fence every member that left."""
         self.membership = membership
         self.ring = HashRing(membership.ring_ids, self.vnodes, self.load_factor)
+        self.weights = membership.weights
         current = self._member_keys()
         for key in [k for k in self._fences if k not in current]:
             self._fences.pop(key).set()  # streams from that member are dropped from now on
@@ -56,7 +58,7 @@ class Router:
         """Members to try for `key`, in order: the bounded-load choice, then the ring's successors."""
         if not len(self.ring):
             return []
-        first = self.ring.route(key, self.in_flight)
+        first = self.ring.route(key, self.in_flight, self.weights)
         order = [first, *(r for r in self.ring.successors(key) if r != first)]
         return [m for r in order if (m := self.membership.get(r)) is not None and m.key not in avoid]
 

@@ -37,6 +37,7 @@ from coordinator.errors import (
     cause_of,
     status_for,
 )
+from coordinator.follow import MembershipFollower
 from coordinator.request import Job, Limits, parse_request
 from coordinator.routing import Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
@@ -112,19 +113,9 @@ class Coordinator:
     # -- membership
     def _watch_membership(self) -> None:
         if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                m = await self.controller.watch.remote(self.router.membership.epoch, self.settings.watch_timeout_s)
-                if m.epoch != self.router.membership.epoch:
-                    self.router.apply(m)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 — keep routing by the last membership
-                log.warning("membership watch failed (%s); retrying", exc)
-                await asyncio.sleep(0.2)  # a restarting controller is back within seconds
+            follower = MembershipFollower(self.controller, self.router.apply, self.router.membership.epoch,
+                                          self.settings.watch_timeout_s)
+            self._watcher = asyncio.get_running_loop().create_task(follower.run())
 
     # -- checks
     def _authorize(self, grpc_context) -> None:
@@ -320,15 +311,22 @@ class Coordinator:
             self._authorize(grpc_context)
             self._watch_membership()
             membership, shares = self.router.membership, self.router.ring.shares()
-            failovers, standbys, *stats = await asyncio.gather(
+            failovers, standbys, health, *stats = await asyncio.gather(
                 self.controller.failovers.remote(),
                 self.controller.standbys.remote(),
+                self.controller.health.remote(),
                 *(asyncio.wait_for(_head_stats(m), 5.0) for m in membership.members),
                 return_exceptions=True,
             )
             out = admin_pb2.ClusterStatusResponse(epoch=membership.epoch)
             if isinstance(standbys, list):
                 out.standbys = len(standbys)
+            if isinstance(health, dict):
+                out.control_plane.registry_ok = health["registry_ok"]
+                out.control_plane.registry_error = health["registry_error"]
+                out.control_plane.monitor_stalls = health["monitor_stalls"]
+            else:
+                out.control_plane.registry_error = f"the controller did not answer: {health}"
             for f in failovers if isinstance(failovers, list) else []:
                 out.failovers.add(
                     at_unix_s=f["at"], replica_id=f["replica_id"], stage=f["stage"], reason=f["reason"],
@@ -337,7 +335,7 @@ class Coordinator:
             for member, st in zip(membership.members, stats, strict=True):
                 r = out.replicas.add(
                     replica_id=member.replica_id, epoch=member.epoch, ring_share=shares.get(member.replica_id, 0.0),
-                    total_slots=member.max_batch,
+                    total_slots=member.max_batch, weight=member.weight, weight_reason=member.weight_reason,
                 )
                 if isinstance(st, dict):
                     r.state = admin_pb2.REPLICA_STATE_SERVING if member.accepting else admin_pb2.REPLICA_STATE_PAUSED

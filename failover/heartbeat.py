@@ -1,17 +1,24 @@
-"""The heartbeat monitor's state machine: which stages are alive, slow or dead. Pure, clock injected.
+"""The heartbeat monitor's liveness state machine: which watched stages are alive or dead. Pure, clock injected.
 
-The controller pings every watched stage every `interval_s` (`due`), tells the
-monitor what came back (`sent`, `answered`, `died`), and acts on the verdicts
-`check` returns. Rules:
+The monitor loop pings every watched stage every `interval_s` (`due`), tells
+this state machine what came back (`sent`, `answered`, `unanswered`, `died`)
+and acts on the verdicts `check` returns. Rules:
 
-- dead: no ping answered for `timeout_s` (a hung or partitioned stage), or at
-  once on the fast path — the actor is gone (`died`) or the stage says its
-  pipeline broke (`answered(..., failed=True)`). A dead stage stays dead.
-- slow: `slow_count` answers in a row slower than `slow_threshold_s` pause the
-  stage from new work for `slow_pause_s`; the pause ends when that time has
-  passed (a new run of slow answers starts another).
-- A transient "actor unavailable" is neither: the stage keeps its clock running
-  and is dead only if it stays silent past `timeout_s`.
+- dead: a ping that was actually sent went unanswered for `timeout_s` (a hung
+  or partitioned stage), or at once on the fast path — the actor is gone
+  (`died`) or the stage says its pipeline broke (`answered(..., failed=...)`).
+  A dead stage stays dead.
+- Silence is counted from the send of the oldest ping not answered since the
+  last answer, never from the last answer: a monitor that did not send (it was
+  stalled, starved or busy) has no evidence against anyone.
+- A stalled monitor declares nobody dead: when `check` finds that its previous
+  call was more than `stall_s` ago, every silence clock restarts now (the
+  answers that arrived during the stall may not have been taken in yet).
+- A stage may be watched without pings (`pinged=False`): the monitor loop
+  pings each pipeline's head and one stage per node, and sees the others
+  through their head (the pipeline's traffic and keepalive) and the fast path.
+- A transient failure ("actor unavailable") is not an answer: the stage is
+  pinged again and its silence clock keeps running.
 """
 
 from __future__ import annotations
@@ -26,14 +33,15 @@ from dataclasses import dataclass
 class HeartbeatSettings:
     interval_s: float = 0.5
     timeout_s: float = 3.0
-    slow_threshold_s: float = 0.2
-    slow_count: int = 5
-    slow_pause_s: float = 5.0
+
+    @property
+    def stall_s(self) -> float:
+        """A gap between two checks this long means the monitor itself stalled."""
+        return max(self.timeout_s / 2, 2 * self.interval_s)
 
 
 class Health(enum.Enum):
     HEALTHY = "healthy"
-    SLOW = "slow"  # answering, but paused from new work
     DEAD = "dead"
 
 
@@ -42,27 +50,35 @@ class Verdict:
     key: Hashable
     health: Health  # the new state
     reason: str
-    silent_s: float  # since the stage last answered (detection latency for a hang)
+    silent_s: float  # since the oldest unanswered ping was sent (detection latency for a hang)
 
 
 @dataclass
 class _Stage:
-    last_answer: float
     health: Health = Health.HEALTHY
-    ping_sent: float | None = None  # an unanswered ping went out at this time
+    ping_sent: float | None = None  # the outstanding ping went out at this time
     last_ping: float = float("-inf")
-    slow_run: int = 0
-    paused_until: float = 0.0
+    silent_since: float | None = None  # send time of the oldest ping unanswered since the last answer
     dead_reason: str | None = None  # set by the fast path, reported by the next check
+    pinged: bool = True  # False: watched through the fast path only (a stage seen through its head)
 
 
 class HeartbeatMonitor:
     def __init__(self, settings: HeartbeatSettings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.clock = settings, clock
         self._stages: dict[Hashable, _Stage] = {}
+        self._last_check = clock()
+        self.stalls = 0  # how many times the monitor found itself stalled (for status and logs)
 
-    def watch(self, key: Hashable) -> None:
-        self._stages[key] = _Stage(last_answer=self.clock())
+    def watch(self, key: Hashable, pinged: bool = True) -> None:
+        self._stages.setdefault(key, _Stage()).pinged = pinged
+
+    def set_pinged(self, key: Hashable, pinged: bool) -> None:
+        stage = self._stages.get(key)
+        if stage is not None:
+            stage.pinged = pinged
+            if not pinged:
+                stage.silent_since = None
 
     def forget(self, key: Hashable) -> None:
         self._stages.pop(key, None)
@@ -71,71 +87,69 @@ class HeartbeatMonitor:
         stage = self._stages.get(key)
         return stage.health if stage else None
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._stages
+
     def due(self) -> list[Hashable]:
         """Stages to ping now: live, with no ping outstanding, `interval_s` after the last one."""
         now = self.clock()
         return [
             key for key, s in self._stages.items()
-            if s.health is not Health.DEAD and s.ping_sent is None and now - s.last_ping >= self.settings.interval_s
+            if s.pinged and s.health is not Health.DEAD and s.ping_sent is None
+            and now - s.last_ping >= self.settings.interval_s
         ]
 
     def sent(self, key: Hashable) -> None:
         stage = self._stages.get(key)
         if stage is not None:
             stage.ping_sent = stage.last_ping = self.clock()
+            if stage.silent_since is None:
+                stage.silent_since = stage.ping_sent
 
-    def answered(self, key: Hashable, failed: str | None = None) -> None:
-        """The stage answered its outstanding ping; `failed` is its own report of a broken pipeline."""
+    def answered(self, key: Hashable, failed: str | None = None) -> float | None:
+        """The stage answered its outstanding ping; `failed` is its own report of a broken pipeline.
+
+        Returns the ping's round trip (None when no ping was outstanding)."""
         stage = self._stages.get(key)
         if stage is None or stage.health is Health.DEAD:
-            return
+            return None
         now = self.clock()
-        latency = now - stage.ping_sent if stage.ping_sent is not None else 0.0
-        stage.ping_sent, stage.last_answer = None, now
+        latency = now - stage.ping_sent if stage.ping_sent is not None else None
+        stage.ping_sent = stage.silent_since = None
         if failed:
             stage.dead_reason = failed
-            return
-        if latency > self.settings.slow_threshold_s:
-            stage.slow_run += 1
-            if stage.slow_run >= self.settings.slow_count:
-                stage.slow_run = 0
-                stage.paused_until = now + self.settings.slow_pause_s
-        else:
-            stage.slow_run = 0
+        return latency
 
     def unanswered(self, key: Hashable) -> None:
-        """The ping failed without proof of death (Ray's transient 'actor unavailable'): ping again."""
+        """The ping failed without proof of death (Ray's transient 'actor unavailable'): ping again,
+        the silence clock keeps running."""
         stage = self._stages.get(key)
         if stage is not None:
             stage.ping_sent = None
 
     def died(self, key: Hashable, reason: str) -> None:
-        """The fast path: the actor is gone, or its transport broke."""
+        """The fast path: the actor is gone, or its pipeline broke or stalled."""
         stage = self._stages.get(key)
         if stage is not None and stage.health is not Health.DEAD:
             stage.dead_reason = reason
 
     def check(self) -> list[Verdict]:
-        """State changes since the last call."""
+        """Deaths since the last call. Call it after taking in every answer that has arrived."""
         now = self.clock()
+        if now - self._last_check > self.settings.stall_s:
+            self.stalls += 1
+            for s in self._stages.values():  # no evidence was gathered while stalled: start over
+                if s.silent_since is not None:
+                    s.silent_since = now
+        self._last_check = now
         out = []
         for key, s in self._stages.items():
             if s.health is Health.DEAD:
                 continue
-            silent = now - s.last_answer
+            silent = now - s.silent_since if s.silent_since is not None else 0.0
             if s.dead_reason is None and silent >= self.settings.timeout_s:
                 s.dead_reason = f"no heartbeat answered for {silent:.1f}s (timeout {self.settings.timeout_s:g}s)"
             if s.dead_reason is not None:
                 s.health = Health.DEAD
                 out.append(Verdict(key, Health.DEAD, s.dead_reason, silent))
-            elif s.health is Health.HEALTHY and now < s.paused_until:
-                s.health = Health.SLOW
-                reason = (
-                    f"{self.settings.slow_count} heartbeats in a row slower than "
-                    f"{self.settings.slow_threshold_s * 1000:.0f} ms: no new work for {self.settings.slow_pause_s:g}s"
-                )
-                out.append(Verdict(key, Health.SLOW, reason, silent))
-            elif s.health is Health.SLOW and now >= s.paused_until:
-                s.health = Health.HEALTHY
-                out.append(Verdict(key, Health.HEALTHY, "pause over", silent))
         return out

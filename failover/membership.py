@@ -33,6 +33,8 @@ class Member:
     max_batch: int = 0  # KV slots
     accepting: bool = True  # False while paused (slow): no new work, in-flight work goes on
     pipeline: str = ""  # the name of the stage actors' group now serving this position
+    weight: float = 1.0  # adaptive weight: scales its bounded-load cap on the ring, not the keys it owns
+    weight_reason: str = ""  # why the weight is what it is (for `ringpipe status`); "" at 1.0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -52,6 +54,11 @@ class Membership:
     def ring_ids(self) -> tuple[str, ...]:
         """The members new work may be routed to."""
         return tuple(m.replica_id for m in self.members if m.accepting)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each ring member's weight, for the ring's bounded-load caps."""
+        return {m.replica_id: m.weight for m in self.members if m.accepting}
 
     def get(self, replica_id: str) -> Member | None:
         return next((m for m in self.members if m.replica_id == replica_id), None)

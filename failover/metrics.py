@@ -25,6 +25,7 @@ class Metrics:
     queue_depth: object  # Gauge {replica}: requests waiting for a KV slot, from the head's heartbeats
     time_to_first_token_s: object  # Histogram
     time_per_output_token_s: object  # Histogram
+    weight: object  # Gauge {replica}: the adaptive weight scaling its share of new work
 
 
 @functools.cache
@@ -54,4 +55,6 @@ def metrics() -> Metrics:
             "ringpipe_time_per_output_token_seconds", "mean time between output tokens of a request",
             boundaries=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0],
         ),
+        weight=Gauge("ringpipe_replica_weight", "adaptive weight of each ring position (1 = normal share)",
+                     tag_keys=("replica",)),
     )

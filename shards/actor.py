@@ -14,6 +14,7 @@ import time
 
 import ray
 
+from shards.load import NodeCpu
 from shards.model import ModelArgs
 from shards.partition import StagePlan
 from shards.scheduler import GenerationRequest, TokenEvent
@@ -26,6 +27,8 @@ class StageActor:
     def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str, tp_rank: int = 0) -> None:
         self.stage = Stage(spec, plan, args, replica, tp_rank)
         self._slow_s, self._slow_until = 0.0, 0.0
+        self._cpu = NodeCpu(os.getppid())  # a worker's parent is its node's raylet
+        self._cpu_at, self._cpu_value = 0.0, None
 
     async def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()
@@ -45,9 +48,17 @@ class StageActor:
         self.stage.start()
 
     async def ping(self) -> dict:
+        """Liveness and load: the stage's state, its node's CPU utilisation, and on the head its
+        queue and its view of the pipeline (see `Stage.pipeline_view`)."""
         if self._slow_until > time.monotonic():
             await asyncio.sleep(self._slow_s)
-        return self.stage.ping()
+        answer = self.stage.ping()
+        if time.monotonic() - self._cpu_at >= 1.0:  # a window long enough to mean something
+            self._cpu_at, self._cpu_value = time.monotonic(), self._cpu.sample()
+        answer["node_cpu"] = self._cpu_value
+        if self.stage.is_head:
+            answer.update(self.stage.pipeline_view())
+        return answer
 
     async def slow_heartbeats(self, delay_s: float, duration_s: float) -> None:
         """Fault injection (chaos tooling, tests): answer pings `delay_s` late for `duration_s`,

@@ -207,6 +207,10 @@ class Replica:
                 out.append(None)
         return out
 
+    def send_ping(self, index: int):
+        """One `ping` call to stage actor `index` (a ref), for a monitor that awaits it."""
+        return self.actors[index].ping.remote()
+
     def send_pings(self) -> list:
         """One `ping` call per stage actor (refs, in actor order), for a monitor that waits on them."""
         return [a.ping.remote() for a in self.actors]

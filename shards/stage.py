@@ -17,6 +17,7 @@ blocked on this stage fail too instead of hanging.
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
 import queue
@@ -92,6 +93,11 @@ class Stage:
             prefix_cache=spec.prefix_cache,
         )
         self.steps = 0
+        # the head's view of its pipeline, read by `ping` (from the actor's thread, without a lock):
+        # when it began waiting for a result (None: not waiting), and recent micro-batch round trips
+        self._waiting_since: float | None = None
+        self._sent_at: dict[int, float] = {}
+        self._round_trips: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
         self.tokens_out = 0
         self.loaded_rss_bytes = 0
 
@@ -327,14 +333,17 @@ class Stage:
                 if not pipelined:
                     break  # one stage: its result is already in, so take new requests between steps
             if sched.in_flight and pipelined:
+                self._waiting_since = time.monotonic()
                 mb_id, tokens = link.recv_result()
+                last_traffic = self._received(mb_id)
                 self._deliver(sched.on_result(mb_id, tokens))
-                last_traffic = time.monotonic()
             elif link and not sent and time.monotonic() - last_traffic >= self.spec.keepalive_s:
                 # idle: prove the pipeline is whole, so a dead peer is found now, not at the next request
                 self._pass_on(Header(Kind.NOOP, -1, 0))
                 if pipelined:
+                    self._waiting_since = time.monotonic()
                     link.recv_result()
+                    self._waiting_since = None
                 last_traffic = time.monotonic()
 
     def _pass_on(self, header: Header) -> None:
@@ -345,12 +354,37 @@ class Stage:
             self._link.send_forward(header, None)
 
     def _step_head(self, mb: MicroBatch) -> None:
+        started = time.monotonic()
         out = self._forward(torch.tensor(mb.input_ids, dtype=torch.int64), mb.header)
         self.steps += 1
         if self.spec.stages == 1:  # single stage: sample here
             self._deliver(self.scheduler.on_result(mb.mb_id, self._sample(out, mb.header)))
+            self._round_trips.append((time.monotonic(), time.monotonic() - started))
         else:
+            self._sent_at[mb.mb_id] = started
             self._link.send_forward(mb.header, out)
+
+    def _received(self, mb_id: int) -> float:
+        """A micro-batch's result came back: record its round trip through the pipeline."""
+        now = time.monotonic()
+        self._waiting_since = None
+        sent = self._sent_at.pop(mb_id, None)
+        if sent is not None:
+            self._round_trips.append((now, now - sent))
+        return now
+
+    def pipeline_view(self, window_s: float = 1.0) -> dict:
+        """The head's view of its pipeline: how long it has been waiting for a result now, the mean
+        round trip of the micro-batches that came back in the last `window_s`, the slowest recent one."""
+        now = time.monotonic()
+        waiting = self._waiting_since
+        trips = list(self._round_trips)
+        latest = [rt for t, rt in trips if t >= now - window_s]
+        return {
+            "pipeline_wait_s": now - waiting if waiting is not None else 0.0,
+            "step_s": sum(latest) / len(latest) if latest else None,
+            "slowest_step_s": max((rt for _, rt in trips), default=0.0),
+        }
 
     def _relay_loop(self) -> None:
         link, last = self._link, self.plan.last

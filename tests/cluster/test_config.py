@@ -119,6 +119,24 @@ def test_serve_yaml_is_valid_and_needs_its_token(monkeypatch):
         ({"failover": {"takeover": {"max_resume_tokens": -5}}}, "failover.takeover.max_resume_tokens"),
         ({"failover": {"registry": {"backend": "etcd"}}}, "failover.registry.backend"),
         ({"failover": {"registry": {"consul": {"ttl_s": 0}}}}, "failover.registry.consul.ttl_s"),
+        ({"failover": {"heartbeat": {"slow": {"max_paused_fraction": 1.5}}}},
+         "failover.heartbeat.slow.max_paused_fraction"),
+        ({"failover": {"heartbeat": {"slow": {"max_paused_fraction": -0.1}}}},
+         "failover.heartbeat.slow.max_paused_fraction"),
+        ({"failover": {"heartbeat": {"slow": {"peer_factor": 0.9}}}}, "failover.heartbeat.slow.peer_factor"),
+        ({"failover": {"adaptive": {"enabled": "sometimes"}}}, "failover.adaptive.enabled"),
+        ({"failover": {"adaptive": {"hot_cpu": 0}}}, "failover.adaptive.hot_cpu"),
+        ({"failover": {"adaptive": {"hot_cpu": 1.5}}}, "failover.adaptive.hot_cpu"),
+        ({"failover": {"adaptive": {"hot_s": 0}}}, "failover.adaptive.hot_s"),
+        ({"failover": {"adaptive": {"idle_cpu": -0.1}}}, "failover.adaptive.idle_cpu"),
+        ({"failover": {"adaptive": {"idle_s": -1}}}, "failover.adaptive.idle_s"),
+        ({"failover": {"adaptive": {"recover_s": 0}}}, "failover.adaptive.recover_s"),
+        ({"failover": {"adaptive": {"min_weight": 0}}}, "failover.adaptive.min_weight"),
+        ({"failover": {"adaptive": {"min_weight": 1.1}}}, "failover.adaptive.min_weight"),
+        ({"failover": {"adaptive": {"max_weight": 0.9}}}, "failover.adaptive.max_weight"),
+        ({"failover": {"adaptive": {"stale_s": 0}}}, "failover.adaptive.stale_s"),
+        ({"failover": {"adaptive": {"idle_cpu": 0.8, "hot_cpu": 0.8}}}, "failover.adaptive"),
+        ({"failover": {"adaptive": {"cpu": 0.5}}}, "failover.adaptive.cpu"),
     ],
 )
 def test_service_keys_are_validated_by_name(override, key):
@@ -139,8 +157,12 @@ def test_failover_keys_reach_the_controller_and_coordinators(monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "consul-secret")
     controller = controller_settings(cfg)
     assert (controller.replicas, controller.standby) == (4, 1)
-    hb = controller.heartbeat
-    assert (hb.interval_s, hb.timeout_s, hb.slow_threshold_s, hb.slow_count, hb.slow_pause_s) == (0.5, 3.0, 0.2, 5, 5.0)
+    hb, slow = controller.heartbeat, controller.slow
+    assert (hb.interval_s, hb.timeout_s) == (0.5, 3.0)
+    assert (slow.threshold_s, slow.count, slow.pause_s, slow.max_paused_fraction, slow.peer_factor) == (
+        0.2, 5, 5.0, 0.5, 1.5
+    )
+    assert controller.adaptive == cfg.failover.adaptive.adaptive_settings()
     assert controller.consul is None  # backend: gcs
     takeover = coordinator_settings(cfg).takeover
     assert (takeover.max_retries, takeover.retry_interval_s, takeover.max_resume_tokens) == (3, 0.1, 8192)
@@ -151,3 +173,19 @@ def test_failover_keys_reach_the_controller_and_coordinators(monkeypatch):
     monkeypatch.delenv("CONSUL_HTTP_TOKEN")
     with pytest.raises(ConfigError, match=r"failover\.registry\.consul\.token_env"):
         controller_settings(parse_config(consul))
+
+
+def test_adaptive_and_slow_keys_have_their_defaults_and_reach_the_adaptive_settings():
+    from failover.adaptive import AdaptiveSettings
+
+    cfg = parse_config({"model": {"demo": True}})
+    slow = cfg.failover.heartbeat.slow
+    assert (slow.max_paused_fraction, slow.peer_factor) == (0.5, 1.5)
+    assert cfg.failover.adaptive.adaptive_settings() == AdaptiveSettings()  # the designed rule by default
+    serve = load_config(REPO / "configs" / "serve.yaml").failover  # spells out every key, at its default
+    assert (serve.heartbeat, serve.adaptive) == (cfg.failover.heartbeat, cfg.failover.adaptive)
+    custom = {"enabled": False, "hot_cpu": 0.9, "hot_s": 5, "idle_cpu": 0.1, "idle_s": 60, "recover_s": 20,
+              "min_weight": 0.5, "max_weight": 1.5, "stale_s": 2}
+    settings = parse_config(merge(BASE, {"failover": {"adaptive": custom}})).failover.adaptive.adaptive_settings()
+    assert {k: getattr(settings, k) for k in custom} == custom
+    assert (settings.hot_factor, settings.idle_factor) == (0.7, 1.2)  # −30 % / +20 %: the design's steps

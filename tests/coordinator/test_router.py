@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -77,3 +78,30 @@ def test_next_unfenced_returns_items_until_the_fence_then_drops_them():
             await next_unfenced(stream, fence)
 
     asyncio.run(scenario())
+
+
+def test_a_low_weight_member_gets_less_new_work_under_load():
+    ids = [f"replica-{i}" for i in range(4)]
+    weights = {"replica-0": 1.0, "replica-1": 0.3, "replica-2": 1.0, "replica-3": 1.0}
+    weighted = Router(Membership(1, tuple(Member(r, 1, None, weight=weights[r]) for r in ids)))
+    equal = Router(Membership(1, tuple(Member(r, 1, None) for r in ids)))
+    assert weighted.weights == weights
+    for router in (weighted, equal):
+        for k in range(400):  # nothing finishes: in-flight work only grows
+            router.count(router.candidates(f"session:{k}", set())[0].replica_id, +1)
+    got = weighted.in_flight
+    assert sum(got.values()) == 400
+    assert got["replica-1"] <= math.ceil(1.25 * 400 * 0.3 / 3.3)  # its weighted cap (mean: 100)
+    assert got["replica-1"] < min(got[r] for r in ids if r != "replica-1")
+    assert got["replica-1"] < equal.in_flight["replica-1"]
+    # an unloaded key still goes to its owner, whatever the owner's weight: affinity survives
+    fresh = Router(Membership(1, tuple(Member(r, 1, None, weight=weights[r]) for r in ids)))
+    for k in range(50):
+        key = f"session:{k}"
+        assert fresh.candidates(key, set())[0].replica_id == HashRing(ids).owner(key)
+
+
+def test_paused_members_weights_are_off_the_ring():
+    m = Membership(2, (Member("a", 1, None, weight=0.5), Member("b", 2, None, accepting=False, weight=2.0)))
+    assert m.weights == {"a": 0.5}
+    assert Router(m).candidates("k", set())[0].replica_id == "a"

@@ -227,8 +227,10 @@ def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, e
 
 
 def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, client, expected):
-    streams, victim, before = under_load(service, controller, client, 1)
-    chaos.slow_stage(victim, delay_s=0.3, duration_s=4.0)  # > 200 ms, 5 times in a row within ~4 s
+    # the head's heartbeats are what the monitor times (a later stage's slowness reaches it as the
+    # head's step latency): > 200 ms and slower than the peer, 5 times in a row within ~4 s
+    streams, victim, before = under_load(service, controller, client, 0)
+    chaos.slow_stage(victim, delay_s=0.3, duration_s=4.0)
 
     def paused() -> bool:
         member = ray.get(controller.membership.remote()).get(victim.replica_id)
@@ -252,6 +254,62 @@ def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, clie
     wait_converged(controller, client)
 
 
+def test_a_stalled_controller_declares_nobody_dead(service, controller, client, expected):
+    """The controller's process stopped (SIGSTOP) for 5 s under streaming load, then continued:
+    no failover is recorded, every pipeline keeps its position, and no request fails — through
+    plain gRPC stubs, which never resend."""
+    import grpc
+
+    from protos.ringpipe.v1 import inference_pb2 as pb
+    from protos.ringpipe.v1 import inference_pb2_grpc
+
+    wait_converged(controller, client)
+    before_members = ray.get(controller.membership.remote()).members
+    before = time.time()
+    greedy = [(i, list(PROMPTS[i]), expected[i][:32]) for i in range(3)]
+    stop = threading.Event()
+    done: list[int] = [0, 0, 0]
+    failures: list[str] = []
+
+    def load(k: int) -> None:
+        i, prompt, want = greedy[k]
+        with grpc.insecure_channel(service.target) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            while not stop.is_set():
+                req = pb.GenerateRequest(max_new_tokens=len(want), ignore_eos=True)
+                req.token_ids.ids.extend(prompt)
+                try:
+                    got = [t for msg in stub.GenerateStream(req, timeout=60) for t in msg.token_ids]
+                except grpc.RpcError as exc:
+                    failures.append(f"stream {k}: {exc.code().name}: {exc.details()}")
+                    continue
+                if got != want:
+                    failures.append(f"stream {k}: tokens differ")
+                done[k] += 1
+
+    threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: min(done) >= 2, 60, "the streaming load to run")
+        chaos.pause_controller(5.0)
+        resumed = list(done)
+        wait_for(lambda: all(d >= r + 3 for d, r in zip(done, resumed, strict=True)), 60,
+                 "requests to complete after the controller runs again")
+        time.sleep(1.0)  # a heartbeat round after the stall, for any late verdict to show
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == []
+    assert new_failovers(controller, before) == []
+    after = ray.get(controller.membership.remote())
+    assert [(m.replica_id, m.pipeline, m.epoch) for m in after.members] == [
+        (m.replica_id, m.pipeline, m.epoch) for m in before_members
+    ]
+    assert ray.get(controller.health.remote())["monitor_stalls"] >= 1  # it noticed its own stall
+
+
 def test_killed_controller_recovers_membership(service, controller, client, expected):
     wait_converged(controller, client)
     membership = ray.get(controller.membership.remote())
@@ -262,7 +320,7 @@ def test_killed_controller_recovers_membership(service, controller, client, expe
     chaos.kill_controller(controller)
     check_streams(streams, expected)  # the controller is not on the data path
     after = ray.get(controller.membership.remote())
-    assert after.epoch == membership.epoch
+    assert after.epoch >= membership.epoch  # recovered, not restarted from 0 (weights may have moved it on)
     assert [(m.replica_id, m.epoch, m.pipeline) for m in after.members] == [
         (m.replica_id, m.epoch, m.pipeline) for m in membership.members
     ]
@@ -286,6 +344,49 @@ def test_killed_controller_recovers_membership(service, controller, client, expe
         return named <= live
 
     wait_for(no_orphans, 60, "every stage actor to belong to a live pipeline")
+
+
+def test_restarted_controller_discards_what_it_cannot_attach_and_rebuilds_the_standby(service, controller, client):
+    """While the controller is stopped, the standby loses a stage actor and a serving pipeline's
+    stage hangs (SIGSTOP); then the controller is killed and Ray restarts it. The new incarnation
+    cannot attach either: it kills their remaining actors, removes their placement groups, takes
+    the hung pipeline's position over and rebuilds, standby included."""
+    import os
+    import signal
+
+    from ray.util.placement_group import placement_group_table
+
+    wait_converged(controller, client)
+    (standby,) = ray.get(controller.standbys.remote())
+    member = ray.get(controller.membership.remote()).members[0]
+    hung = chaos.stage_process(controller, member.replica_id, 1)
+    pid = chaos.controller_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        ray.kill(ray.get_actor(f"{standby}.stage-1.tp0", namespace="ringpipe"), no_restart=True)
+        chaos.pause_stage(hung)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        chaos.kill_controller(controller)
+        wait_converged(controller, client)
+    finally:
+        chaos.resume_stage(hung)
+    gone = {standby, member.pipeline}
+    live = ray.get(controller.pipeline_nodes.remote())
+    assert not gone & set(live)
+    assert ray.get(controller.membership.remote()).get(member.replica_id).pipeline != member.pipeline
+    assert len(ray.get(controller.standbys.remote())) == STANDBY
+
+    def nothing_left() -> bool:
+        actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "ringpipe"}
+        groups = {g["name"]: g["state"] for g in placement_group_table().values()}
+        return (not any(a.startswith(tuple(f"{p}.stage-" for p in gone)) for a in actors)
+                and all(groups.get(f"{p}.pg", "REMOVED") == "REMOVED" for p in gone))
+
+    wait_for(nothing_left, 60, "the unattachable pipelines' actors and placement groups to be gone")
+    failovers = [f for f in ray.get(controller.failovers.remote()) if f["pipeline"] == member.pipeline]
+    assert failovers and "restarted" in failovers[-1]["reason"]
 
 
 def test_killed_coordinator_replica_client_resumes(service, controller, client, expected):

@@ -72,6 +72,35 @@ def test_controller_keeps_membership_in_consul(consul_controller):
     # a restarted controller recovers the membership from Consul's KV
     chaos.kill_controller(controller)
     after = ray.get(controller.membership.remote())
-    assert after.epoch == rebuilt.epoch
+    assert after.epoch >= rebuilt.epoch  # recovered, not restarted from 0 (weights may have moved it on)
     assert [(m.replica_id, m.pipeline) for m in after.members] == [(m.replica_id, m.pipeline) for m in rebuilt.members]
-    assert consul.load()["epoch"] == after.epoch
+    wait_for(lambda: consul.load()["epoch"] == ray.get(controller.membership.remote()).epoch, 30,
+             "the restarted controller's state to be saved")
+
+
+def test_consul_down_at_start_degrades_the_registry_not_the_controller(ray_cluster, make_checkpoint):
+    """Consul failing every call when the controller starts: the controller still starts and
+    serves, says the registry is degraded and why, and saves its state once Consul answers."""
+    checkpoint = make_checkpoint("llama", vocab=128, layers=2, hidden=32)
+    with FakeConsul() as fake:
+        fake.fail_status = 500
+        settings = ConsulSettings(address=fake.address, service="down-replica", ttl_s=1.0, key="test/down")
+        spec = ReplicaSpec(model_dir=str(checkpoint), stages=1, max_batch=2, max_seq_len=64, torch_threads=1)
+        controller = Controller.options(name="consul-down", namespace=NAMESPACE).remote(
+            spec, ControllerSettings(replicas=1, consul=settings, registry_wait_s=1.0), "consul-down"
+        )
+        try:
+            membership = ray.get(controller.start.remote(), timeout=120)
+            assert membership.replica_ids == ("replica-0",)
+            health = ray.get(controller.health.remote())
+            assert not health["registry_ok"] and "500" in health["registry_error"], health
+            consul = ConsulRegistry(settings)
+            fake.fail_status = None
+            wait_for(lambda: ray.get(controller.health.remote())["registry_ok"], 30, "the registry to recover")
+            wait_for(lambda: (consul.load() or {}).get("epoch") == ray.get(controller.membership.remote()).epoch,
+                     30, "the state to be saved in Consul")
+            assert consul.live_replicas() == ["replica-0"]
+        finally:
+            fake.fail_status = None
+            ray.get(controller.shutdown.remote(), timeout=60)
+            ray.kill(controller, no_restart=True)

@@ -27,16 +27,28 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("epoch", "replicas", "failovers", "standbys")
+    __slots__ = ("epoch", "replicas", "failovers", "standbys", "control_plane")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     STANDBYS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PLANE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     failovers: _containers.RepeatedCompositeFieldContainer[Failover]
     standbys: int
-    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ..., standbys: _Optional[int] = ...) -> None: ...
+    control_plane: ControlPlane
+    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ..., standbys: _Optional[int] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
+
+class ControlPlane(_message.Message):
+    __slots__ = ("registry_ok", "registry_error", "monitor_stalls")
+    REGISTRY_OK_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_STALLS_FIELD_NUMBER: _ClassVar[int]
+    registry_ok: bool
+    registry_error: str
+    monitor_stalls: int
+    def __init__(self, registry_ok: _Optional[bool] = ..., registry_error: _Optional[str] = ..., monitor_stalls: _Optional[int] = ...) -> None: ...
 
 class Failover(_message.Message):
     __slots__ = ("at_unix_s", "replica_id", "stage", "reason", "silent_s", "action", "restored_at_unix_s")
@@ -57,7 +69,7 @@ class Failover(_message.Message):
     def __init__(self, at_unix_s: _Optional[float] = ..., replica_id: _Optional[str] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ..., silent_s: _Optional[float] = ..., action: _Optional[str] = ..., restored_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes")
+    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes", "weight", "weight_reason")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +80,8 @@ class ReplicaStatus(_message.Message):
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_REASON_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: ReplicaState
     epoch: int
@@ -78,7 +92,9 @@ class ReplicaStatus(_message.Message):
     free_slots: int
     total_slots: int
     cached_prefixes: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., cached_prefixes: _Optional[int] = ...) -> None: ...
+    weight: float
+    weight_reason: str
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., cached_prefixes: _Optional[int] = ..., weight: _Optional[float] = ..., weight_reason: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("index", "node_id", "address", "layer_start", "layer_end")

@@ -1,0 +1,174 @@
+"""The monitor loop: what the controller learns about its pipelines, on its event loop.
+
+Work grows with pipelines and nodes, not with stages: each round pings every
+pipeline's head and one stage per node (the node's probe), while every stage
+has one `vigil` call outstanding that Ray fails the moment its actor dies and
+that returns the moment its stage fails (the fast path; nothing periodic). A
+stage that is neither a head nor a probe is seen through its head: the head
+reports how long it has waited for a result from its pipeline, and a wait
+past `timeout_s` (plus the slowest recent step, so a long step is no stall)
+is a stalled pipeline.
+
+Answers feed three pure cores: `HeartbeatMonitor` (alive or dead),
+`SlowPolicy` (paused or not: ping round trip and the head's inference step
+latency) and `AdaptiveWeights` (node CPU). Each ping is a task that takes its
+answer in the moment it arrives; `round()` sends the pings due and returns the
+death verdicts. Everything here runs on the controller's event loop: nothing
+blocks, and there is no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import ray
+
+from failover.adaptive import AdaptiveSettings, AdaptiveWeights
+from failover.heartbeat import HeartbeatMonitor, HeartbeatSettings, Verdict
+from failover.membership import StageInfo
+from failover.slow import SlowPolicy, SlowSettings
+
+log = logging.getLogger("ringpipe.monitor")
+
+
+@dataclass
+class _Watched:
+    pipeline: object
+    actor_nodes: list[str]  # the node of every stage actor, in actor order
+    vigils: list[asyncio.Task]
+
+
+class Monitor:
+    def __init__(self, heartbeat: HeartbeatSettings, slow: SlowSettings, adaptive: AdaptiveSettings,
+                 tensor_parallel: int = 1) -> None:
+        self.settings, self.tp = heartbeat, tensor_parallel
+        self.liveness = HeartbeatMonitor(heartbeat)
+        self.slow = SlowPolicy(slow)
+        self.weights = AdaptiveWeights(adaptive)
+        self.node_cpu: dict[str, tuple[float, float]] = {}  # node -> (fraction, when)
+        self.queue_depth: dict[str, int] = {}  # pipeline -> requests its head has waiting
+        self._watched: dict[str, _Watched] = {}
+        self._probes: dict[str, tuple[str, int]] = {}  # node -> the stage actor pinged for it
+        self._pings: set[asyncio.Task] = set()
+
+    # -- what is watched
+    def watch(self, pipeline, stages: tuple[StageInfo, ...]) -> None:
+        name = pipeline.name
+        nodes = [stages[i // self.tp].node_id if stages else "" for i in range(len(pipeline.actors))]
+        vigils = [asyncio.ensure_future(self._vigil((name, i), ref)) for i, ref in enumerate(pipeline.send_vigils())]
+        self._watched[name] = _Watched(pipeline, nodes, vigils)
+        for i, node in enumerate(nodes):
+            probe = node not in self._probes
+            if probe:
+                self._probes[node] = (name, i)
+            self.liveness.watch((name, i), pinged=i == 0 or probe)  # heads always: they report their pipeline
+
+    def forget(self, name: str) -> None:
+        watched = self._watched.pop(name, None)
+        if watched is None:
+            return
+        for task in watched.vigils:
+            task.cancel()
+        for i in range(len(watched.actor_nodes)):
+            self.liveness.forget((name, i))
+        self.slow.forget(name)
+        self.weights.forget(name)
+        self.queue_depth.pop(name, None)
+        for node, key in list(self._probes.items()):  # another live stage on that node is its probe now
+            if key[0] != name:
+                continue
+            del self._probes[node]
+            other = next(((n, i) for n, w in self._watched.items() for i, nd in enumerate(w.actor_nodes)
+                          if nd == node and self.liveness.health((n, i)) is not None), None)
+            if other is not None:
+                self._probes[node] = other
+                self.liveness.set_pinged(other, True)
+
+    @property
+    def watched(self) -> list[str]:
+        return list(self._watched)
+
+    def stop(self) -> None:
+        for name in list(self._watched):
+            self.forget(name)
+        for task in self._pings:
+            task.cancel()
+
+    # -- one round
+    def round(self) -> list[Verdict]:
+        """Send the pings that are due; the deaths found since the last round."""
+        for key in self.liveness.due():
+            watched = self._watched.get(key[0])
+            if watched is None:
+                continue
+            ref = watched.pipeline.send_ping(key[1])
+            self.liveness.sent(key)
+            task = asyncio.ensure_future(self._ping(key, ref))
+            self._pings.add(task)
+            task.add_done_callback(self._pings.discard)
+        return self.liveness.check()
+
+    def cpu_of(self, name: str, fresh_s: float = 5.0) -> float | None:
+        """The busiest node's CPU utilisation among those `name` runs on (recent samples only)."""
+        watched = self._watched.get(name)
+        if watched is None:
+            return None
+        now = time.monotonic()
+        samples = [cpu for node in set(watched.actor_nodes)
+                   if (seen := self.node_cpu.get(node)) and now - seen[1] <= fresh_s for cpu in (seen[0],)]
+        return max(samples) if samples else None
+
+    # -- answers
+    async def _ping(self, key: tuple[str, int], ref) -> None:
+        try:
+            answer = await ref
+        except ray.exceptions.ActorUnavailableError:
+            self.liveness.unanswered(key)
+        except ray.exceptions.RayActorError as exc:
+            self.liveness.died(key, f"stage actor died: {short(exc)}")
+        except ray.exceptions.RayError:  # no proof of death (a node going away, say): the timeout decides
+            self.liveness.unanswered(key)
+        else:
+            self._take(key, answer)
+
+    def _take(self, key: tuple[str, int], answer: dict) -> None:
+        failed = None
+        if answer["state"] in ("failed", "stopped"):
+            failed = f"stage {answer['state']}: {answer['error']}"
+        latency = self.liveness.answered(key, failed)
+        watched = self._watched.get(key[0])
+        if watched is None or failed:
+            return
+        if answer.get("node_cpu") is not None:
+            self.node_cpu[watched.actor_nodes[key[1]]] = (answer["node_cpu"], time.monotonic())
+        if key[1] != 0:
+            return
+        self.queue_depth[key[0]] = answer.get("waiting", 0)
+        wait, slowest = answer.get("pipeline_wait_s", 0.0), answer.get("slowest_step_s", 0.0)
+        if wait >= self.settings.timeout_s + slowest:
+            self.liveness.died(key, f"pipeline stalled: its head has waited {wait:.1f}s for a result "
+                                    f"(timeout {self.settings.timeout_s:g}s + slowest recent step {slowest:.2f}s)")
+            return
+        if latency is not None:
+            self.slow.observe(key[0], max(latency, answer.get("step_s") or 0.0))
+
+    async def _vigil(self, key: tuple[str, int], ref) -> None:
+        try:
+            answer = await ref
+        except asyncio.CancelledError:  # forgotten: the stage is being retired
+            raise
+        except ray.exceptions.RayActorError as exc:
+            if not isinstance(exc, ray.exceptions.ActorUnavailableError):
+                self.liveness.died(key, f"stage actor died: {short(exc)}")
+        except ray.exceptions.RayError:
+            return  # no proof of death: the heartbeat decides
+        else:
+            self.liveness.died(key, f"stage {answer['state']}: {answer['error']}")
+
+
+def short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
