@@ -266,6 +266,8 @@ class Controller:
             cpu = self.monitor.cpu_of(name)
             if cpu is not None:
                 weights.observe(name, cpu)
+        for name in weights.changed() & set(serving):
+            log.warning("%s weight %.2f: %s", name, weights.weight(name), weights.reason(name) or "back to normal")
         current = {n: (weights.weight(n), weights.reason(n)) for n in serving}
         if self.positions.set_weights({n: w for n, w in current.items() if w != (1.0, "")}):
             changed = True
