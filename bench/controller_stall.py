@@ -2,8 +2,10 @@
 
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/controller_stall.py            # ~2 min
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/controller_stall.py --stall 10 --stalls 3
+    .venv/bin/ringpipe model create /tmp/small --arch llama --layers 4 --hidden 128
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/controller_stall.py --model /tmp/small
 
-Starts `ringpipe serve --nodes 3` (the demo model, 2 replicas x 2 stages, as the README says) in
+Starts `ringpipe serve --nodes 3` (the demo model or `--model`, 2 replicas x 2 stages) in
 its own process group, runs `--clients` streaming clients through plain gRPC stubs (no resends:
 a failed call counts), and SIGSTOPs the controller's process for `--stall` seconds, `--stalls`
 times, with the load running. Reported: requests completed and failed, failovers the controller
@@ -32,18 +34,21 @@ sys.path.insert(0, str(ROOT))
 from bench._results import describe, table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPTS = ["The list type", "A class is", "Exceptions are"]
+PROMPTS = [[5, 17, 99, 3], [8, 8, 1, 40, 41], [300, 12]]  # token ids: any checkpoint, tokenizer or not
 
 
-def serve(port: int) -> tuple[subprocess.Popen, str, str]:
+def serve(port: int, model: str | None) -> tuple[subprocess.Popen, str, str]:
     """`ringpipe serve --nodes 3`; returns the process, the gRPC target and the Ray address."""
     proc = subprocess.Popen(
-        [str(ROOT / ".venv/bin/ringpipe"), "serve", "--nodes", "3", "--port", str(port)],
+        [str(ROOT / ".venv/bin/ringpipe"), "serve", "--nodes", "3", "--port", str(port),
+         *(["--model", model] if model else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     target = address = None
     deadline = time.monotonic() + 600
+    said = []
     for line in proc.stdout:
+        said.append(line)
         if m := re.search(r"--target (\S+)", line):
             target = m.group(1)
         if m := re.search(r"Ray cluster: (\S+)", line):
@@ -52,7 +57,7 @@ def serve(port: int) -> tuple[subprocess.Popen, str, str]:
             break
     if not (target and address):
         proc.kill()
-        raise RuntimeError("ringpipe serve did not come up")
+        raise RuntimeError("ringpipe serve did not come up:\n" + "".join(said[-30:]))
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep draining
     return proc, target, address
 
@@ -64,6 +69,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--port", type=int, default=50061)
+    parser.add_argument("--model", help="checkpoint directory (default: the demo model, trained on first use)")
     args = parser.parse_args()
 
     import grpc
@@ -73,7 +79,7 @@ def main() -> None:
     from protos.ringpipe.v1 import inference_pb2 as pb
     from protos.ringpipe.v1 import inference_pb2_grpc
 
-    proc, target, address = serve(args.port)
+    proc, target, address = serve(args.port, args.model)
     done, failed, errors = [0] * args.clients, [0] * args.clients, []
     stop = threading.Event()
 
@@ -81,8 +87,8 @@ def main() -> None:
         with grpc.insecure_channel(target) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while not stop.is_set():
-                req = pb.GenerateRequest(text=PROMPTS[k % len(PROMPTS)], max_new_tokens=args.new_tokens,
-                                         ignore_eos=True)
+                req = pb.GenerateRequest(max_new_tokens=args.new_tokens, ignore_eos=True)
+                req.token_ids.ids.extend(PROMPTS[k % len(PROMPTS)])
                 try:
                     for _ in stub.GenerateStream(req, timeout=120):
                         pass
@@ -133,7 +139,8 @@ def main() -> None:
     (RESULTS / "controller_stall.md").write_text(
         "# A stalled controller under load\n\n"
         f"Command: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python {cmd}`\n\nMachine: {machine}\n\n"
-        f"`ringpipe serve --nodes 3` (demo model, 2 replicas x 2 stages), {args.clients} streaming clients on "
+        f"`ringpipe serve --nodes 3` ({args.model or 'the demo model'}, 2 replicas x 2 stages), {args.clients} "
+        "streaming clients on "
         f"plain gRPC stubs ({args.new_tokens} tokens each, no resends), the controller's process stopped "
         "with SIGSTOP and continued with SIGCONT while they run. Wanted: no request failed, no failover "
         "recorded (the stall is the controller's, every replica is healthy).\n\n"

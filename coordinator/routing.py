@@ -43,12 +43,14 @@ class Router:
         self.vnodes, self.load_factor = vnodes, load_factor
         self.in_flight: Counter[str] = Counter()
         self._fences: dict[tuple[str, int], asyncio.Event] = {}
+        self.ring: HashRing | None = None
         self.apply(membership)
 
     def apply(self, membership: Membership) -> None:
         """Route by `membership` from now on; fence every member that left."""
+        if self.ring is None or self.ring.replicas != frozenset(membership.ring_ids):
+            self.ring = HashRing(membership.ring_ids, self.vnodes, self.load_factor)  # a weight change keeps it
         self.membership = membership
-        self.ring = HashRing(membership.ring_ids, self.vnodes, self.load_factor)
         self.weights = membership.weights
         current = self._member_keys()
         for key in [k for k in self._fences if k not in current]:

@@ -43,7 +43,7 @@ from failover.membership import Membership
 from failover.metrics import metrics
 from failover.monitor import Monitor
 from failover.placement import Placement
-from failover.positions import Positions
+from failover.positions import Failover, Positions
 from failover.registry import GcsRegistry, Registry, RegistryWriter
 from failover.slow import SlowSettings
 from shards.replica import Replica
@@ -87,7 +87,6 @@ class Controller:
         self._membership = Membership()
         self._membership_ref = ray.put(self._membership)  # serialized once per epoch, whatever the watchers
         self._tasks: set[asyncio.Task] = set()
-        self._dying: set[str] = set()  # pipelines whose death is being handled
         self._loaded = False  # the registry has been read (recovery may still be running)
         self._boot_task = self.spawn(self._boot())
 
@@ -240,10 +239,10 @@ class Controller:
     # -- the monitor loop
     async def _watch_pipelines(self) -> None:
         hb = self.settings.heartbeat
-        tick, renewed = min(0.1, hb.interval_s / 4), 0.0
+        tick, renewed, woke = min(0.1, hb.interval_s / 4), 0.0, time.monotonic()
         while not self.stopped:
             try:
-                for verdict in self.monitor.round():
+                for verdict in self.monitor.round(lag_s=time.monotonic() - woke):
                     self.spawn(self._on_death(verdict))
                 self._pace()
                 if time.monotonic() - renewed >= hb.interval_s:
@@ -251,6 +250,7 @@ class Controller:
                     self._renew()
             except Exception:  # noqa: BLE001 — the monitor must outlive any one bad round
                 log.exception("monitor round failed")
+            woke = time.monotonic() + tick
             await asyncio.sleep(tick)
 
     def _pace(self) -> None:
@@ -288,26 +288,24 @@ class Controller:
     async def _on_death(self, verdict: Verdict) -> None:
         name, actor = verdict.key
         pipeline = self.positions.pipelines.get(name)
-        if pipeline is None or name in self._dying:
+        if pipeline is None:  # its death was handled already (another stage's verdict came first)
             return
-        self._dying.add(name)
+        slot = self.positions.slot_of(name)
+        self.monitor.forget(name)
+        self.positions.drop(pipeline)
+        record = self.take_over(slot, name, actor // self.spec.tensor_parallel, verdict.reason, verdict.silent_s)
+        self.positions.set_paused(self.monitor.slow.paused(self.positions.serving()))  # a slow standby stays paused
+        self.publish()
+        self.spawn(recovery.rebuild(self))
         try:
-            if verdict.reason.startswith(("stage failed", "pipeline stalled")):  # which peer is it?
-                actor = await self.placement.culprit(pipeline, actor)
-            if self.positions.pipelines.get(name) is not pipeline or self.stopped:
-                return
-            slot = self.positions.slot_of(name)
-            self.monitor.forget(name)
-            self.positions.drop(pipeline)
-            self.take_over(slot, name, actor // self.spec.tensor_parallel, verdict.reason, verdict.silent_s)
-            self.positions.set_paused(self.monitor.slow.paused(self.positions.serving()))  # a slow standby stays paused
-            self.publish()
-            self.spawn(self._retire(pipeline))
-            self.spawn(recovery.rebuild(self))
+            if verdict.reason.startswith(("stage failed", "pipeline stalled")):  # which peer was it? after the
+                culprit = await self.placement.culprit(pipeline, actor)   # takeover, which does not wait on it
+                record.stage = culprit // self.spec.tensor_parallel
+                self.save()
         finally:
-            self._dying.discard(name)
+            await self._retire(pipeline)
 
-    def take_over(self, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> None:
+    def take_over(self, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> Failover:
         """Hand a dead pipeline's ring position to a standby (or leave it for the rebuild); record it."""
         record = self.positions.take_over(slot, pipeline, stage, reason, silent_s, time.time())
         m = metrics()
@@ -321,6 +319,7 @@ class Controller:
         m.detection_latency_s.observe(silent_s)
         log.warning("%s (%s) stage %d dead after %.2fs silent: %s → %s",
                     slot or "standby", pipeline, stage, silent_s, reason, record.action)
+        return record
 
     async def _retire(self, pipeline) -> None:
         """Shut a pipeline down; until it is gone a restart would discard it."""

@@ -1,13 +1,13 @@
 """The monitor loop: what the controller learns about its pipelines, on its event loop.
 
 Work grows with pipelines and nodes, not with stages: each round pings every
-pipeline's head and one stage per node (the node's probe), while every stage
-has one `vigil` call outstanding that Ray fails the moment its actor dies and
-that returns the moment its stage fails (the fast path; nothing periodic). A
-stage that is neither a head nor a probe is seen through its head: the head
-reports how long it has waited for a result from its pipeline, and a wait
-past `timeout_s` (plus the slowest recent step, so a long step is no stall)
-is a stalled pipeline.
+pipeline's head, every `CPU_SAMPLE_S` one stage per node (the node's probe) is
+asked for its node's CPU, and every stage has one `vigil` call outstanding that
+Ray fails the moment its actor dies and that returns the moment its stage
+fails (the fast path; nothing periodic). A stage other than a head is seen
+through its head: the head reports how long it has waited for a result from
+its pipeline, and a wait past `timeout_s` (plus the slowest recent step, so a
+long step is no stall) is a stalled pipeline.
 
 Answers feed three pure cores: `HeartbeatMonitor` (alive or dead),
 `SlowPolicy` (paused or not: ping round trip and the head's inference step
@@ -32,6 +32,7 @@ from failover.membership import StageInfo
 from failover.slow import SlowPolicy, SlowSettings
 
 log = logging.getLogger("ringpipe.monitor")
+CPU_SAMPLE_S = 2.0  # how often each node's probe is asked for its node's CPU
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Monitor:
         self._watched: dict[str, _Watched] = {}
         self._probes: dict[str, tuple[str, int]] = {}  # node -> the stage actor pinged for it
         self._pings: set[asyncio.Task] = set()
+        self._sampled = 0.0
+        self.lagging = False
 
     # -- what is watched
     def watch(self, pipeline, stages: tuple[StageInfo, ...]) -> None:
@@ -61,10 +64,9 @@ class Monitor:
         vigils = [asyncio.ensure_future(self._vigil((name, i), ref)) for i, ref in enumerate(pipeline.send_vigils())]
         self._watched[name] = _Watched(pipeline, nodes, vigils)
         for i, node in enumerate(nodes):
-            probe = node not in self._probes
-            if probe:
+            if node not in self._probes:
                 self._probes[node] = (name, i)
-            self.liveness.watch((name, i), pinged=i == 0 or probe)  # heads always: they report their pipeline
+            self.liveness.watch((name, i), pinged=i == 0)  # heads: they answer for their whole pipeline
 
     def forget(self, name: str) -> None:
         watched = self._watched.pop(name, None)
@@ -85,7 +87,6 @@ class Monitor:
                           if nd == node and self.liveness.health((n, i)) is not None), None)
             if other is not None:
                 self._probes[node] = other
-                self.liveness.set_pinged(other, True)
 
     @property
     def watched(self) -> list[str]:
@@ -98,18 +99,27 @@ class Monitor:
             task.cancel()
 
     # -- one round
-    def round(self) -> list[Verdict]:
-        """Send the pings that are due; the deaths found since the last round."""
+    def round(self, lag_s: float = 0.0) -> list[Verdict]:
+        """Send the pings that are due; the deaths found since the last round. `lag_s`: how late
+        this round is; while the loop lags, round trips measure the controller, not the pipelines,
+        and the slow rule is not fed."""
+        self.lagging = lag_s > self.settings.interval_s / 2
         for key in self.liveness.due():
             watched = self._watched.get(key[0])
-            if watched is None:
-                continue
-            ref = watched.pipeline.send_ping(key[1])
-            self.liveness.sent(key)
-            task = asyncio.ensure_future(self._ping(key, ref))
-            self._pings.add(task)
-            task.add_done_callback(self._pings.discard)
+            if watched is not None:
+                self._send(key, watched)
+                self.liveness.sent(key)
+        if time.monotonic() - self._sampled >= CPU_SAMPLE_S:  # each node's CPU, from its probe
+            self._sampled = time.monotonic()
+            for key in self._probes.values():
+                if (watched := self._watched.get(key[0])) is not None and key[1] != 0:
+                    self._send(key, watched)
         return self.liveness.check()
+
+    def _send(self, key: tuple[str, int], watched: _Watched) -> None:
+        task = asyncio.ensure_future(self._ping(key, watched.pipeline.send_ping(key[1])))
+        self._pings.add(task)
+        task.add_done_callback(self._pings.discard)
 
     def cpu_of(self, name: str, fresh_s: float = 5.0) -> float | None:
         """The busiest node's CPU utilisation among those `name` runs on (recent samples only)."""
@@ -152,7 +162,7 @@ class Monitor:
             self.liveness.died(key, f"pipeline stalled: its head has waited {wait:.1f}s for a result "
                                     f"(timeout {self.settings.timeout_s:g}s + slowest recent step {slowest:.2f}s)")
             return
-        if latency is not None:
+        if latency is not None and not self.lagging:
             self.slow.observe(key[0], max(latency, answer.get("step_s") or 0.0))
 
     async def _vigil(self, key: tuple[str, int], ref) -> None:

@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+_PEERS_S = 0.5  # how stale the peers' typical latencies may be
+
 
 @dataclass(frozen=True)
 class SlowSettings:
@@ -46,6 +48,8 @@ class SlowPolicy:
         self.settings, self.clock = settings, clock
         self._pipelines: dict[str, _Pipeline] = {}
         self._paused: set[str] = set()
+        self._typical: dict[str, float] = {}  # each pipeline's median recent latency, refreshed every _PEERS_S
+        self._peers_at: float | None = None
 
     def forget(self, name: str) -> None:
         self._pipelines.pop(name, None)
@@ -58,11 +62,12 @@ class SlowPolicy:
     def observe(self, name: str, latency_s: float) -> None:
         s = self.settings
         p = self._pipelines.setdefault(name, _Pipeline())
-        peers = [t for other in self._pipelines if other != name and (t := self.typical(other)) is not None]
-        peer = statistics.median(peers) if peers else None
-        slow = latency_s > s.threshold_s and (peer is None or latency_s > s.peer_factor * peer)
         p.recent.append(latency_s)
-        if not slow:
+        if latency_s <= s.threshold_s:  # the common case costs nothing more
+            p.run = 0
+            return
+        peer = self._peer_median(name)
+        if peer is not None and latency_s <= s.peer_factor * peer:
             p.run = 0
             return
         p.run += 1
@@ -72,6 +77,15 @@ class SlowPolicy:
             than = f", {peer * 1000:.0f} ms for its peers" if peer is not None else ""
             p.why = (f"{s.count} heartbeats in a row slower than {s.threshold_s * 1000:.0f} ms "
                      f"(last {latency_s * 1000:.0f} ms{than}): no new work for {s.pause_s:g}s")
+
+    def _peer_median(self, name: str) -> float | None:
+        """The median of the other pipelines' typical latency, computed at most once per `_PEERS_S`."""
+        now = self.clock()
+        if self._peers_at is None or now - self._peers_at >= _PEERS_S:
+            self._typical = {n: statistics.median(p.recent) for n, p in self._pipelines.items() if p.recent}
+            self._peers_at = now
+        peers = [t for n, t in self._typical.items() if n != name]
+        return statistics.median(peers) if peers else None
 
     def reason(self, name: str) -> str:
         p = self._pipelines.get(name)
