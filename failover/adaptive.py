@@ -109,8 +109,7 @@ class AdaptiveWeights:
         if load is not r.load or now - r.last_sample > self.settings.stale_s:
             r.load, r.since, r.step_from = load, now, now  # a new run: nothing has held for long yet
         r.last_sample = now
-        period = self._period(load)
-        while now - r.step_from >= period:
+        while now - r.step_from >= (period := self._period(load, r.weight)) - 1e-9:  # float sums of samples
             r.step_from += period
             self._step(replica_id, r, cpu, now - r.since)
 
@@ -132,8 +131,10 @@ class AdaptiveWeights:
         out, self._changed = self._changed, set()
         return out
 
-    def _period(self, load: Load) -> float:
+    def _period(self, load: Load, weight: float) -> float:
         s = self.settings
+        if load is Load.IDLE and weight < 1.0:  # a cut replica gone idle recovers at the recovery pace
+            return s.recover_s
         return {Load.HOT: s.hot_s, Load.IDLE: s.idle_s, Load.NORMAL: s.recover_s}[load]
 
     def _step(self, replica_id: str, r: _Replica, cpu: float, held_s: float) -> None:
@@ -141,7 +142,7 @@ class AdaptiveWeights:
         held = f"node CPU {cpu:.0%} for {held_s:.0f}s"
         if r.load is Load.HOT:
             weight, why = r.weight * s.hot_factor, f"{held}: -{1 - s.hot_factor:.0%}"
-        elif r.load is Load.IDLE:
+        elif r.load is Load.IDLE and r.weight >= 1.0:
             weight, why = r.weight * s.idle_factor, f"node CPU {cpu:.0%}, idle {held_s:.0f}s: +{s.idle_factor - 1:.0%}"
         elif r.weight < 1:
             weight, why = min(1.0, r.weight / s.hot_factor), f"{held}: back toward 1.0"

@@ -177,3 +177,24 @@ def test_forget_drops_a_replica_and_its_pending_change():
 def test_settings_reject_rules_that_cannot_work(bad):
     with pytest.raises(ValueError):
         AdaptiveSettings(**bad)
+
+
+def test_a_cut_replica_gone_idle_recovers_at_the_recovery_pace_not_the_idle_one():
+    """A hot replica cut to the floor that then goes idle (its work went elsewhere) steps back to 1.0
+    every `recover_s`, not every `idle_s`; only from 1.0 does idleness raise it."""
+    clock = Clock()
+    s = AdaptiveSettings()
+    w = AdaptiveWeights(s, clock)
+    t = 0.0
+    while w.weight("r") > s.min_weight:
+        w.observe("r", 0.95)
+        clock.now += 1.0
+        t += 1.0
+        assert t < 200
+    steps_back = 0
+    while w.weight("r") < 1.0:
+        w.observe("r", 0.01)
+        clock.now += 1.0
+        steps_back += 1
+        assert steps_back < 30 * s.recover_s, "recovery went at the idle pace"
+    assert w.weight("r") == 1.0
