@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from cluster.load import Load, LoadSettings, make_pool, references
 from cluster.node_fault import GRACE_S as FAULT_DELAY_S
 
 POLL_S = 0.2
+RESTART_TRIES = 3  # starts of a killed node (`--restart-nodes`) before its fault is left unrecovered
 
 
 def duration(text: str) -> float:
@@ -96,6 +98,7 @@ class Run:
         self.restarted: list = []  # `ray start --block` processes of restarted nodes
         self.broken: set[str] = set()  # nodes killed, or paused or slowed now: not chosen again
         self.watchers: list[threading.Thread] = []
+        self._restarting: dict[int, subprocess.Popen] = {}  # id(fault) -> its node's latest restart
         self.t0 = time.monotonic()
 
     def now(self) -> float:
@@ -127,6 +130,8 @@ class Run:
                 fault["t"], wall = self.now() + FAULT_DELAY_S, time.time() + FAULT_DELAY_S
                 fault["duration_s"] = seconds or None
             elif kind == "kill-actor":
+                pipelines = self._some_pipeline(pipelines)
+                fault["t"], wall = self.now(), time.time()
                 pipeline = self.rng.choice(sorted(pipelines))
                 stage = self.rng.randrange(len(pipelines[pipeline]))
                 fault["target"] = f"{pipeline}.stage-{stage}"
@@ -147,6 +152,19 @@ class Run:
             watcher = threading.Thread(target=self._watch, args=(fault, wall, touched, node), daemon=True)
             watcher.start()
             self.watchers.append(watcher)
+
+    def _some_pipeline(self, pipelines: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """`pipelines`, or, while the cluster has none live (every one lost at once and being
+        rebuilt), the first ones it has again; LookupError past the recovery timeout."""
+        import ray
+
+        deadline = self.now() + self.settings.recovery_timeout_s
+        while not pipelines:
+            if self.now() > deadline:
+                raise LookupError(f"no live pipeline for {self.settings.recovery_timeout_s:g} s")
+            time.sleep(POLL_S)
+            pipelines = ray.get(self.controller.pipeline_nodes.remote())
+        return pipelines
 
     def _watch(self, fault: dict, wall: float, touched: set[str], node: dict | None) -> None:
         """Fill in the fault's detection and recovery times (seconds after it was injected)."""
@@ -198,9 +216,14 @@ class Run:
             return True
         if not self.settings.restart_nodes:
             return True
-        if not fault.get("restarted"):
-            fault["restarted"] = True
-            self.restarted.append(chaos.restart_node(node, self.gcs_address, str(self.settings.report / "nodes.log")))
+        process = self._restarting.get(id(fault))
+        if process is None or (process.poll() is not None and fault["restarted"] < RESTART_TRIES):
+            # first restart, or the last one failed (a node whose raylet did not register in time
+            # on a loaded machine exits 1): start it again
+            fault["restarted"] = fault.get("restarted", 0) + 1
+            process = chaos.restart_node(node, self.gcs_address, str(self.settings.report / "nodes.log"))
+            self._restarting[id(fault)] = process
+            self.restarted.append(process)
         return len([n for n in chaos.worker_nodes() if n["NodeID"] not in self.broken]) >= self.nodes
 
     def _whole(self, touched: set[str], fault: dict) -> bool:

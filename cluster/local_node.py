@@ -30,7 +30,19 @@ def main(gcs_address: str, spec: dict) -> None:
         object_store_memory=spec.get("object_store_memory"), min_worker_port=0, max_worker_port=0,
         node_manager_port=0, include_log_monitor=False, dashboard_agent_listen_port=None,
     )
-    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    try:
+        node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    except Exception as exc:  # noqa: BLE001 — e.g. the raylet not registered within Ray's 30 s
+        # the processes it did start would outlive us as a half-joined node: stop them, and exit 1
+        # so that whoever started us may try again
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            child.kill()
+        psutil.wait_procs(children, timeout=10)
+        print(f"node on {spec['ip']} failed to join {gcs_address}: {exc}", flush=True)
+        sys.exit(1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

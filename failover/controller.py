@@ -209,9 +209,11 @@ class Controller:
 
     async def pipeline_nodes(self) -> dict[str, list[dict]]:
         """Each live pipeline's stage actors: node id, IP and process id (for chaos tests)."""
+        await self._ready.wait()
         pipelines = list(self.positions.pipelines.values())
-        nodes = await asyncio.gather(*(self.placement.nodes(p) for p in pipelines))
-        return {p.name: n for p, n in zip(pipelines, nodes, strict=True)}
+        nodes = await asyncio.gather(*(self.placement.nodes(p, 10.0) for p in pipelines), return_exceptions=True)
+        # a pipeline whose stage does not answer (dead, or on a paused node) is left out
+        return {p.name: n for p, n in zip(pipelines, nodes, strict=True) if not isinstance(n, BaseException)}
 
     async def stats(self) -> dict[str, list[dict | None]]:
         """Each ring member's per-stage stats (None for a stage that did not answer)."""

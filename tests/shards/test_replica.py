@@ -229,6 +229,10 @@ def test_control_calls_answer_while_generating(llama2):
     assert seen == 200
 
 
+# two bf16 logits of this size (|x| < 8) closer than this are a tie: a few rounding steps (2^-5 at 4..8)
+BF16_TIE = 0.0625
+
+
 def test_bfloat16_replica(ray_cluster, checkpoints):
     """bf16 on CPU: the pipeline gives the one-process bf16 tokens, and logits stay near transformers' bf16."""
     from transformers import AutoModelForCausalLM
@@ -242,13 +246,22 @@ def test_bfloat16_replica(ray_cluster, checkpoints):
         hf_logits = hf(torch.tensor([PROMPTS[0]])).logits[0].float()
     ours = local.prefill_logits(PROMPTS[0]).float()
     assert torch.allclose(ours, hf_logits, atol=0.25), float((ours - hf_logits).abs().max())
-    expected = local.generate([PROMPTS[0]], 16)[0]
+    assert float(ours.abs().max()) < 8  # the scale BF16_TIE is set for
     replica = start_replica(model_dir, 2, dtype="bfloat16")
     try:
-        assert replica.generate(make_request(PROMPTS[0], 16)).token_ids == expected
+        tokens = replica.generate(make_request(PROMPTS[0], 16)).token_ids
         assert replica.stats()[0]["weight_bytes"] == replica.plans[0].params * 2
     finally:
         replica.shutdown()
+    # bf16 greedy tokens are not comparable one for one: the pipeline prefills in chunks and
+    # decodes in other shapes, so a near tie (two logits a rounding step apart) may go either
+    # way and the streams then part. What must hold: fed the pipeline's own tokens, the
+    # one-process bf16 model finds each of them the best, or within bf16 rounding of it.
+    n = len(PROMPTS[0])
+    logits = local.prefill_logits(PROMPTS[0] + tokens).float()[n - 1 : n - 1 + len(tokens)]
+    chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    gaps = logits.max(dim=-1).values - chosen
+    assert len(tokens) == 16 and float(gaps.max()) <= BF16_TIE, gaps.tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "glm", "qwen2"])
