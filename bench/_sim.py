@@ -7,7 +7,7 @@
   per-node probing works as on a cluster. Where the nodes and hosts are is read from Ray's KV
   (`write_config`, keyed by the controller's name, which every pipeline name starts with).
 - `StageHost`: answers pings (a real stage's answer, without load) and keeps every `vigil` call
-  pending until its stage fails. Faults: `crash` (the vigil returns "failed" at once, pings say
+  pending until its stage fails (a head's also until its pipeline stalled, as a real head's). Faults: `crash` (the vigil returns "failed" at once, pings say
   "failed") and `hang` (pings never answer, the vigil stays pending). A hung stage that is not a
   head stalls its pipeline: its head reports `pipeline_wait_s` counted from the hang, as a real head
   whose micro-batch (or keepalive) never came back would (`stall`).
@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 
 import ray
+
+from shards.replica import answers
 
 KV_NAMESPACE = "ringpipe-bench"
 
@@ -245,14 +247,7 @@ class SimulatedPipeline:
         ]
 
     def stats(self, timeout_s: float = 5.0) -> list[dict | None]:
-        refs = [self._handle(s).stats.remote(self.name, s.index) for s in self.actors]
-        out: list[dict | None] = []
-        for ref in refs:
-            try:
-                out.append(ray.get(ref, timeout=timeout_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(None)
-        return out
+        return answers([self._handle(s).stats.remote(self.name, s.index) for s in self.actors], timeout_s)
 
     # -- refs the monitor awaits (its event loop: no blocking)
     def send_ping(self, index: int):
@@ -262,8 +257,9 @@ class SimulatedPipeline:
     def send_pings(self) -> list:
         return [self.send_ping(i) for i in range(len(self.actors))]
 
-    def send_vigils(self) -> list:
-        return [self._handle(s).vigil.remote(self.name, s.index) for s in self.actors]
+    def send_vigils(self, stall_after_s: float | None = None) -> list:
+        return [self._handle(s).vigil.remote(self.name, s.index, stall_after_s if s.index == 0 else None)
+                for s in self.actors]
 
 
 # -- the stages
@@ -282,9 +278,8 @@ class StageHost:
 
     def __init__(self) -> None:
         self.stages: dict[tuple[str, int], _Stage] = {}
-        self.stalled: dict[
-            str, float
-        ] = {}  # pipeline -> wall time its head started waiting in vain
+        self.stalled: dict[str, float] = {}  # pipeline -> wall time its head started waiting in vain
+        self.stall_news: dict[str, asyncio.Event] = {}  # pipeline -> set when it stalls (head vigils wait on it)
         self.pings = 0
 
     async def add(self, pipeline: str, stages: list[tuple[int, str]]) -> int:
@@ -300,6 +295,7 @@ class StageHost:
             stage.down.set()
             stage.released.set()
         self.stalled.pop(pipeline, None)
+        self.stall_news.pop(pipeline, None)
 
     async def find(self, pipeline: str) -> list[tuple[int, str, int]]:
         return [(i, s.node, os.getpid()) for (p, i), s in self.stages.items() if p == pipeline]
@@ -332,11 +328,28 @@ class StageHost:
             await stage.released.wait()
         return self._answer(pipeline, index, stage)
 
-    async def vigil(self, pipeline: str, index: int) -> dict:
+    async def vigil(self, pipeline: str, index: int, stall_after_s: float | None = None) -> dict:
+        """As `StageActor.vigil`: returns when the stage is down, or (a head given `stall_after_s`)
+        when its pipeline has stalled that long; event-driven rather than polled, hundreds per process."""
         stage = self.stages.get((pipeline, index))
-        if stage is not None:
-            await stage.down.wait()
-        return self._answer(pipeline, index, stage)
+        if stage is None:
+            return self._answer(pipeline, index, stage)
+        waits = [asyncio.ensure_future(stage.down.wait())]
+        if index == 0 and stall_after_s is not None:
+            waits.append(asyncio.ensure_future(self._stalled_for(pipeline, stall_after_s)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        answer = self._answer(pipeline, index, stage)
+        if not stage.down.is_set():
+            answer["state"] = "stalled"
+        return answer
+
+    async def _stalled_for(self, pipeline: str, seconds: float) -> None:
+        await self.stall_news.setdefault(pipeline, asyncio.Event()).wait()
+        await asyncio.sleep(max(0.0, self.stalled.get(pipeline, time.time()) + seconds - time.time()))
 
     async def stats(self, pipeline: str, index: int) -> dict:
         return {"stage": index, "steps": 0}
@@ -360,6 +373,7 @@ class StageHost:
     async def stall(self, pipeline: str, since: float) -> None:
         """The head of `pipeline` (here) has waited since `since` (wall clock) for a result that never comes."""
         self.stalled[pipeline] = since
+        self.stall_news.setdefault(pipeline, asyncio.Event()).set()
 
     async def counts(self) -> dict:
         return {"stages": len(self.stages), "pings": self.pings, "pid": os.getpid()}

@@ -51,6 +51,7 @@ from shards.spec import ReplicaSpec
 
 CONTROLLER_NAME = "ringpipe-controller"
 NAMESPACE = "ringpipe"
+MIN_SLEEP_S = 0.01  # the monitor loop's shortest sleep: events closer than this are taken together
 log = logging.getLogger("ringpipe.controller")
 
 
@@ -252,8 +253,11 @@ class Controller:
                     self._renew()
             except Exception:  # noqa: BLE001 — the monitor must outlive any one bad round
                 log.exception("monitor round failed")
-            woke = time.monotonic() + tick
-            await asyncio.sleep(tick)
+            # wake at the next ping due or silence deadline, at most a tick away (weights, pauses,
+            # CPU samples and the registry's renewals keep the tick's pace)
+            pause = min(tick, max(MIN_SLEEP_S, self.monitor.liveness.next_event() - time.monotonic()))
+            woke = time.monotonic() + pause
+            await asyncio.sleep(pause)
 
     def _pace(self) -> None:
         """Pauses and weights from what the monitor saw; publish when they change."""

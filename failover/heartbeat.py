@@ -99,6 +99,20 @@ class HeartbeatMonitor:
             and now - s.last_ping >= self.settings.interval_s
         ]
 
+    def next_event(self) -> float:
+        """When a ping next falls due or a silence reaches `timeout_s` (clock time; inf: never),
+        so that the loop wakes on time rather than a tick late."""
+        interval, timeout = self.settings.interval_s, self.settings.timeout_s
+        soonest = float("inf")
+        for s in self._stages.values():
+            if s.health is Health.DEAD:
+                continue
+            if s.silent_since is not None:
+                soonest = min(soonest, s.silent_since + timeout)
+            if s.pinged and s.ping_sent is None:
+                soonest = min(soonest, s.last_ping + interval)
+        return soonest
+
     def sent(self, key: Hashable) -> None:
         stage = self._stages.get(key)
         if stage is not None:

@@ -5,9 +5,9 @@ pipeline's head, every `CPU_SAMPLE_S` one stage per node (the node's probe) is
 asked for its node's CPU, and every stage has one `vigil` call outstanding that
 Ray fails the moment its actor dies and that returns the moment its stage
 fails (the fast path; nothing periodic). A stage other than a head is seen
-through its head: the head reports how long it has waited for a result from
-its pipeline, and a wait past `timeout_s` (plus the slowest recent step, so a
-long step is no stall) is a stalled pipeline.
+through its head: a wait for a result from its pipeline past `timeout_s` (plus
+the slowest recent step, so a long step is no stall) is a stalled pipeline,
+which the head's vigil returns at once (its ping answers say it too).
 
 Answers feed three pure cores: `HeartbeatMonitor` (alive or dead),
 `SlowPolicy` (paused or not: ping round trip and the head's inference step
@@ -61,7 +61,8 @@ class Monitor:
     def watch(self, pipeline, stages: tuple[StageInfo, ...]) -> None:
         name = pipeline.name
         nodes = [stages[i // self.tp].node_id if stages else "" for i in range(len(pipeline.actors))]
-        vigils = [asyncio.ensure_future(self._vigil((name, i), ref)) for i, ref in enumerate(pipeline.send_vigils())]
+        refs = pipeline.send_vigils(self.settings.timeout_s)
+        vigils = [asyncio.ensure_future(self._vigil((name, i), ref)) for i, ref in enumerate(refs)]
         self._watched[name] = _Watched(pipeline, nodes, vigils)
         for i, node in enumerate(nodes):
             if node not in self._probes:
@@ -157,10 +158,8 @@ class Monitor:
         if key[1] != 0:
             return
         self.queue_depth[key[0]] = answer.get("waiting", 0)
-        wait, slowest = answer.get("pipeline_wait_s", 0.0), answer.get("slowest_step_s", 0.0)
-        if wait >= self.settings.timeout_s + slowest:
-            self.liveness.died(key, f"pipeline stalled: its head has waited {wait:.1f}s for a result "
-                                    f"(timeout {self.settings.timeout_s:g}s + slowest recent step {slowest:.2f}s)")
+        if answer.get("pipeline_wait_s", 0.0) >= self.settings.timeout_s + answer.get("slowest_step_s", 0.0):
+            self.liveness.died(key, self._stalled(answer))  # (the head's vigil says so first, as a rule)
             return
         if latency is not None and not self.lagging:
             self.slow.observe(key[0], max(latency, answer.get("step_s") or 0.0))
@@ -176,7 +175,12 @@ class Monitor:
         except ray.exceptions.RayError:
             return  # no proof of death: the heartbeat decides
         else:
-            self.liveness.died(key, f"stage {answer['state']}: {answer['error']}")
+            stalled = answer["state"] == "stalled"
+            self.liveness.died(key, self._stalled(answer) if stalled else f"stage {answer['state']}: {answer['error']}")
+
+    def _stalled(self, answer: dict) -> str:
+        return (f"pipeline stalled: its head has waited {answer['pipeline_wait_s']:.1f}s for a result "
+                f"(timeout {self.settings.timeout_s:g}s + slowest recent step {answer['slowest_step_s']:.2f}s)")
 
 
 def short(exc: BaseException) -> str:

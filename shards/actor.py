@@ -65,14 +65,21 @@ class StageActor:
         as an overloaded or throttled host would; generation itself goes on."""
         self._slow_s, self._slow_until = delay_s, time.monotonic() + duration_s
 
-    async def vigil(self, poll_s: float = 0.05) -> dict:
-        """Returns when the stage stops serving (its pipeline broke, or it shut down).
+    async def vigil(self, stall_after_s: float | None = None, poll_s: float = 0.05) -> dict:
+        """Returns when the stage stops serving (its pipeline broke, or it shut down), or, on the
+        head given `stall_after_s`, when its pipeline stalled: it has waited that long, plus its
+        slowest recent step, for a result (the answer's state is then "stalled").
 
         The controller keeps one call of this outstanding per stage: Ray fails it the moment
-        the actor dies, and it returns the moment the stage fails — death is seen in
+        the actor dies, and it returns the moment the stage fails or stalls — seen in
         milliseconds, not at the next heartbeat.
         """
+        watch_stall = stall_after_s is not None and self.stage.is_head
         while self.stage.state.value in ("starting", "serving"):
+            if watch_stall:
+                view = self.stage.pipeline_view()
+                if view["pipeline_wait_s"] >= stall_after_s + view["slowest_step_s"]:
+                    return {**self.stage.ping(), **view, "state": "stalled"}
             await asyncio.sleep(poll_s)
         return self.stage.ping()
 

@@ -9,6 +9,7 @@ their loops. `stream()` yields a request's tokens as they are sampled;
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -198,14 +199,7 @@ class Replica:
 
     def ping(self, timeout_s: float = 2.0) -> list[dict | None]:
         """Each stage's ping answer, or None for a stage that is dead or did not answer in time."""
-        refs = [a.ping.remote() for a in self.actors]
-        out: list[dict | None] = []
-        for ref in refs:
-            try:
-                out.append(ray.get(ref, timeout=timeout_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(None)
-        return out
+        return answers([a.ping.remote() for a in self.actors], timeout_s)
 
     def send_ping(self, index: int):
         """One `ping` call to stage actor `index` (a ref), for a monitor that awaits it."""
@@ -215,18 +209,14 @@ class Replica:
         """One `ping` call per stage actor (refs, in actor order), for a monitor that waits on them."""
         return [a.ping.remote() for a in self.actors]
 
-    def send_vigils(self) -> list:
-        """One `vigil` call per stage actor: each fails when its actor dies, returns when its stage fails."""
-        return [a.vigil.remote() for a in self.actors]
+    def send_vigils(self, stall_after_s: float | None = None) -> list:
+        """One `vigil` call per stage actor: each fails when its actor dies, returns when its stage
+        fails; the head's also when its pipeline stalled for `stall_after_s` (see `StageActor.vigil`)."""
+        return [a.vigil.remote(stall_after_s if i == 0 else None) for i, a in enumerate(self.actors)]
 
     def stats(self, timeout_s: float = 5.0) -> list[dict | None]:
-        out: list[dict | None] = []
-        for ref in [a.stats.remote() for a in self.actors]:
-            try:
-                out.append(ray.get(ref, timeout=timeout_s))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                out.append(None)
-        return out
+        """Each stage's stats, or None for a stage that is dead or did not answer in time."""
+        return answers([a.stats.remote() for a in self.actors], timeout_s)
 
     def nodes(self, timeout_s: float | None = None) -> list[dict]:
         """Each stage actor's node id, IP and process id; raises GetTimeoutError past `timeout_s`."""
@@ -255,3 +245,16 @@ class Replica:
                 remove_placement_group(self._pg)
                 self._pg = None
             self.actors = []
+
+
+def answers(refs: list, timeout_s: float) -> list:
+    """Each call's answer, in order; None for one whose actor is dead or that did not answer within
+    `timeout_s` (one deadline for all of them)."""
+    deadline = time.monotonic() + timeout_s
+    out = []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            out.append(None)
+    return out

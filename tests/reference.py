@@ -6,6 +6,8 @@ every greedy output of ours is compared with.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -61,3 +63,57 @@ def stop_started(proc, started, sig: int, timeout_s: float = 120.0) -> None:
     for pid in started:
         if psutil.pid_exists(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """A `ringpipe serve` started by a test: its gRPC target, its Ray address, the env it ran with."""
+
+    target: str
+    address: str
+    env: dict
+    pid: int
+
+
+@contextlib.contextmanager
+def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float = 300.0):
+    """`ringpipe serve --config … --nodes N` as an operator starts it (its own session, its output in
+    `directory`/serve.log), yielded as `Served` once it printed its Ray address; stopped with Ctrl-C
+    after, and whatever it started killed if still there."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    import yaml
+
+    path = directory / "service.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = directory / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path),
+                                   "--nodes", str(nodes)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    started: set[int] = set()
+
+    def descendants() -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    try:
+        def ready() -> bool:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            return "Ray cluster: " in log_path.read_text()
+
+        wait_for(ready, timeout_s, f"ringpipe serve --nodes {nodes}")
+        address = re.search(r"Ray cluster: (\S+)", log_path.read_text())[1]
+        started = descendants()
+        yield Served(f"127.0.0.1:{config['server']['port']}", address, env, server.pid)
+    finally:
+        stop_started(server, started | descendants(), signal.SIGINT)

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 
 import psutil
 import pytest
-import yaml
 
 from tests.conftest import free_port
-from tests.reference import hf_greedy, stop_started, wait_for
+from tests.reference import hf_greedy, ringpipe_serve, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -26,35 +24,16 @@ MAX_NEW = 16
 
 @pytest.fixture(scope="module")
 def served(make_checkpoint, tmp_path_factory):
-    """(gRPC target, Ray address, checkpoint) of `ringpipe serve --nodes 4`; stopped with Ctrl-C after."""
+    """(gRPC target, Ray address, checkpoint, env) of `ringpipe serve --nodes 4`; stopped with Ctrl-C after."""
     checkpoint = make_checkpoint("llama", vocab=512, layers=4, hidden=64)
-    directory = tmp_path_factory.mktemp("chaos")
-    port = free_port()
-    config = directory / "service.yaml"
-    config.write_text(yaml.safe_dump({
+    config = {
         "model": {"path": str(checkpoint)},
         "pipeline": {"stages": 2, "max_batch": 4, "max_seq_len": 128, "cpus_per_stage": 0.5},
         "replicas": {"count": 2, "standby": 1},
-        "server": {"port": port, "http_port": free_port(), "coordinators": 2},
-    }))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log_path = directory / "serve.log"
-    server = subprocess.Popen([*CLI, "serve", "--config", str(config), "--nodes", "4"],
-                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                              start_new_session=True)
-    started: set[int] = set()
-    try:
-        def ready() -> bool:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            return "Ray cluster: " in log_path.read_text()
-
-        wait_for(ready, 240, "ringpipe serve --nodes 4")
-        address = re.search(r"Ray cluster: (\S+)", log_path.read_text())[1]
-        started = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
-        yield f"127.0.0.1:{port}", address, checkpoint, env
-    finally:
-        stop_started(server, started, signal.SIGINT)
+        "server": {"port": free_port(), "http_port": free_port(), "coordinators": 2},
+    }
+    with ringpipe_serve(config, tmp_path_factory.mktemp("chaos"), nodes=4, timeout_s=240) as serving:
+        yield serving.target, serving.address, checkpoint, serving.env
 
 
 def chaos(served, report, *args: str, timeout: float = 400) -> tuple[subprocess.CompletedProcess, dict]:

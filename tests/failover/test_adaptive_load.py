@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -28,13 +27,12 @@ from collections import Counter
 
 import psutil
 import pytest
-import yaml
 
 from coordinator.client import Client
 from protos.ringpipe.v1 import admin_pb2
 from shards.load import NodeCpu
 from tests.conftest import VOCAB, free_port
-from tests.reference import stop_started, wait_for
+from tests.reference import ringpipe_serve, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -80,29 +78,10 @@ def service_config(checkpoint, port: int) -> dict:
 def served(make_checkpoint, tmp_path_factory):
     """(gRPC target, Ray address, env) of `ringpipe serve --nodes 3`; stopped with Ctrl-C after."""
     checkpoint = make_checkpoint("llama", tokenizer=True, vocab=VOCAB, layers=2, hidden=64)
-    directory = tmp_path_factory.mktemp("adaptive")
-    port = free_port()
-    config = directory / "service.yaml"
-    config.write_text(yaml.safe_dump(service_config(checkpoint, port)))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log_path = directory / "serve.log"
-    server = subprocess.Popen([*CLI, "serve", "--config", str(config), "--nodes", "3"],
-                              stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-                              start_new_session=True)
-    started: set[int] = set()
-    try:
-        def ready() -> bool:
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            return "Ray cluster: " in log_path.read_text()
-
-        wait_for(ready, 300, "ringpipe serve --nodes 3")
-        address = re.search(r"Ray cluster: (\S+)", log_path.read_text())[1]
-        coordinator_off_the_replicas_nodes(server.pid, f"127.0.0.1:{port}")
-        started = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
-        yield f"127.0.0.1:{port}", address, env
-    finally:
-        stop_started(server, started, signal.SIGINT)
+    config = service_config(checkpoint, free_port())
+    with ringpipe_serve(config, tmp_path_factory.mktemp("adaptive"), nodes=3) as serving:
+        coordinator_off_the_replicas_nodes(serving.pid, serving.target)
+        yield serving.target, serving.address, serving.env
 
 
 def ray_workers(root_pid: int, title: str) -> list[tuple[int, int]]:

@@ -11,6 +11,7 @@ starts whole.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -206,18 +207,28 @@ def test_killed_worker_node_mid_stream(service, local_cluster, controller, clien
     assert victim.node_id not in live_nodes
 
 
-def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, expected):
-    streams, victim, before = under_load(service, controller, client, 0)
+@pytest.mark.parametrize("stage", [0, 1], ids=["head", "last-stage"])
+def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, expected, stage):
+    """A hung head stops answering its pings; a hung later stage stalls its pipeline, which the
+    head's vigil reports. Either way the pipeline is dead only after the timeout (3 s)."""
+    streams, victim, before = under_load(service, controller, client, stage)
     old = (victim.replica_id, victim.epoch)
     hit = streams.on(old)
     chaos.pause_stage(victim)
     try:
         wait_for(lambda: new_failovers(controller, before), 30, "the paused stage to be declared dead")
+        # the stage to blame is found after the takeover, by pinging the others (paused still)
+        wait_for(lambda: new_failovers(controller, before)[0]["stage"] == stage, 10, f"stage {stage} named")
     finally:
         chaos.resume_stage(victim)  # it runs again: anything it still sends must be dropped
     (failover,) = new_failovers(controller, before)
-    assert failover["pipeline"] == victim.pipeline and failover["reason"].startswith("no heartbeat")
-    assert failover["silent_s"] >= 3.0  # failover.heartbeat.timeout_s
+    assert failover["pipeline"] == victim.pipeline, failover
+    if stage == 0:
+        assert failover["reason"].startswith("no heartbeat"), failover
+        assert failover["silent_s"] >= 3.0  # failover.heartbeat.timeout_s
+    else:
+        waited = re.match(r"pipeline stalled: its head has waited ([0-9.]+)s", failover["reason"])
+        assert waited and float(waited[1]) >= 3.0, failover
     check_streams(streams, expected)
     assert hit and streams.moved(hit, old) == hit  # a paused head cannot finish them: all moved
     for i in hit:

@@ -185,3 +185,37 @@ def test_a_stage_watched_without_pings_dies_only_by_the_fast_path():
     m.watch("later", pinged=False)
     m.set_pinged("later", True)
     assert m.due() == ["later"]
+
+
+@given(
+    latencies=st.lists(st.floats(0.0, 0.4), min_size=1, max_size=20),
+    hang_after=st.floats(0.0, 0.49),
+)
+def test_a_loop_woken_at_next_event_finds_a_hang_within_timeout_plus_interval(latencies, hang_after):
+    """The monitor loop sleeps until `next_event()`, a tick at most: pings go out when due and a
+    silence is judged the moment it reaches the timeout, so a hang is found by hang + interval +
+    timeout (the issue's bound): the ping due next is sent at most an interval after the hang, and
+    is found unanswered a timeout later."""
+    m, clock = monitor("a")
+    for latency in latencies:  # answered rounds, the loop woken only at its events
+        while m.due() != ["a"]:
+            wake(m, clock)
+        m.sent("a")
+        clock.now += latency
+        m.answered("a")
+        assert m.check() == []
+    hang = clock.now + hang_after  # before the next ping is due (interval after the last one sent)
+    verdicts = []
+    while not verdicts:
+        wake(m, clock)
+        for key in m.due():
+            m.sent(key)
+        verdicts = m.check()
+    (verdict,) = verdicts
+    assert verdict.health is Health.DEAD and verdict.silent_s >= SETTINGS.timeout_s
+    assert clock.now <= hang + SETTINGS.interval_s + SETTINGS.timeout_s + 1e-9
+
+
+def wake(m, clock, tick=0.1):
+    """The controller's loop: asleep until the monitor's next event, a tick at most."""
+    clock.now = max(clock.now, min(clock.now + tick, m.next_event()))
