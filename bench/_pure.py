@@ -24,18 +24,30 @@ def _timed_s(fn, repeats: int) -> tuple[float, float]:
 
 
 def ring_builds(pipelines: list[int], repeats: int, vnodes: int = 128) -> list[dict]:
-    from coordinator.ring import HashRing
+    """A cold build (no member's virtual nodes hashed before: a coordinator's first) and a rebuild
+    after one member was replaced (the others' virtual nodes kept from the last build: a failover)."""
+    from coordinator.ring import HashRing, _vnode_points
+
+    def cold(ids: list[str]) -> None:
+        _vnode_points.cache_clear()
+        HashRing(ids, vnodes, 1.25)
 
     out = []
     for P in pipelines:
         ids = [f"replica-{i}" for i in range(P)]
-        fastest, med = _timed_s(lambda ids=ids: HashRing(ids, vnodes, 1.25), repeats)
+        fastest, med = _timed_s(lambda ids=ids: cold(ids), repeats)
+        HashRing(ids, vnodes, 1.25)
+        changes = iter(range(10**9))
+        warm, warm_med = _timed_s(lambda ids=ids, c=changes: HashRing([*ids[1:], f"new-{next(c)}"], vnodes, 1.25),
+                                  repeats)
         out.append(
             {
                 "pipelines": P,
                 "vnodes": vnodes,
                 "min_ms": fastest * 1e3,
                 "median_ms": med * 1e3,
+                "one_changed_min_ms": warm * 1e3,
+                "one_changed_median_ms": warm_med * 1e3,
                 "repeats": repeats,
             }
         )

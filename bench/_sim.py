@@ -32,6 +32,9 @@ import ray
 from shards.replica import answers
 
 KV_NAMESPACE = "ringpipe-bench"
+# every simulated node's CPU, as a real stage's ping reports it: half busy, neither hot nor idle for
+# the adaptive rule (failover/adaptive.py), so that weights stay put and the epochs measure failovers
+SIM_NODE_CPU = 0.5
 
 
 # -- where things are: written by the driver, read in the controller's process
@@ -308,7 +311,7 @@ class StageHost:
             "time": time.time(),
             "running": 0,
             "waiting": 0,
-            "node_cpu": None,
+            "node_cpu": SIM_NODE_CPU,
         }
         if index == 0:
             since = self.stalled.get(pipeline)

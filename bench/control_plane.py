@@ -291,13 +291,16 @@ def targets(last: dict) -> list[list[str]]:
 
 def ring_table(ring: list[dict]) -> str:
     return table(
-        ["pipelines (ring members)", "vnodes", "HashRing build, fastest ms", "median ms", "builds"],
+        ["pipelines (ring members)", "vnodes", "HashRing build, cold, fastest ms", "median ms",
+         "rebuild, one member new, fastest ms", "median ms", "builds"],
         [
             [
                 r["pipelines"],
                 r["vnodes"],
                 f"{r['min_ms']:.2f}",
                 f"{r['median_ms']:.2f}",
+                f"{r['one_changed_min_ms']:.2f}" if "one_changed_min_ms" in r else "–",
+                f"{r['one_changed_median_ms']:.2f}" if "one_changed_median_ms" in r else "–",
                 r["repeats"],
             ]
             for r in ring
@@ -337,8 +340,9 @@ HOW_TO_READ = """## How to read this
   simulated** (`bench/_sim.py`): the stages, entries in a few `StageHost` processes (hundreds each) that answer
   pings as a stage does, without load; and the coordinators' other work: one `WatcherHost` process runs many
   followers, nothing is routed. A simulated node holds 4 stages, a pipeline's 4 stages sit on 4 nodes, so the
-  monitor pings every head and one stage per node ("pings/s (due)": what it sends at its nominal cadence), as
-  on a cluster. S = 4 stages per pipeline: 100, 500, 1,000 stages are P = 25, 125, 250 pipelines (ring
+  monitor pings every head each interval, and each node without a head every 2 s for its CPU ("pings/s
+  (due)": what it sends at its nominal cadence), as on a cluster; a simulated stage reports its node's CPU
+  as 0.5 (neither hot nor idle: weights stay put). S = 4 stages per pipeline: 100, 500, 1,000 stages are P = 25, 125, 250 pipelines (ring
   positions). Heartbeats every 0.5 s, timeout 3 s; no standby, so each takeover leaves its position empty
   ("rebuilding") until a new simulated pipeline fills it, a moment later.
 - **crash**: the stage's `vigil` call returns "failed" and its pings answer "failed", as a stage whose pipeline

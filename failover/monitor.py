@@ -1,13 +1,14 @@
 """The monitor loop: what the controller learns about its pipelines, on its event loop.
 
 Work grows with pipelines and nodes, not with stages: each round pings every
-pipeline's head, every `CPU_SAMPLE_S` one stage per node (the node's probe) is
-asked for its node's CPU, and every stage has one `vigil` call outstanding that
-Ray fails the moment its actor dies and that returns the moment its stage
-fails (the fast path; nothing periodic). A stage other than a head is seen
-through its head: a wait for a result from its pipeline past `timeout_s` (plus
-the slowest recent step, so a long step is no stall) is a stalled pipeline,
-which the head's vigil returns at once (its ping answers say it too).
+pipeline's head; every `CPU_SAMPLE_S` one stage per node (the node's probe) is
+asked for its node's CPU, unless a head there has just said it; and every stage
+has one `vigil` call outstanding that Ray fails the moment its actor dies and
+that returns the moment its stage fails (the fast path; nothing periodic). A
+stage other than a head is seen through its head: a wait for a result from its
+pipeline past `timeout_s` (plus the slowest recent step, so a long step is no
+stall) is a stalled pipeline, which the head's vigil returns at once (its ping
+answers say it too).
 
 Answers feed three pure cores: `HeartbeatMonitor` (alive or dead),
 `SlowPolicy` (paused or not: ping round trip and the head's inference step
@@ -110,9 +111,13 @@ class Monitor:
             if watched is not None:
                 self._send(key, watched)
                 self.liveness.sent(key)
-        if time.monotonic() - self._sampled >= CPU_SAMPLE_S:  # each node's CPU, from its probe
-            self._sampled = time.monotonic()
-            for key in self._probes.values():
+        now = time.monotonic()
+        if now - self._sampled >= CPU_SAMPLE_S:  # each node's CPU, from its probe
+            self._sampled = now
+            for node, key in self._probes.items():
+                seen = self.node_cpu.get(node)
+                if seen is not None and now - seen[1] < CPU_SAMPLE_S:
+                    continue  # a head there answered with its node's CPU this round already
                 if (watched := self._watched.get(key[0])) is not None and key[1] != 0:
                     self._send(key, watched)
         return self.liveness.check()

@@ -155,10 +155,13 @@ def test_deadline_stops_generation_and_frees_slot(client):
 
 
 def test_full_cluster_is_resource_exhausted_and_others_finish(service, client):
+    new_tokens = 64
     capacity = REPLICAS * (MAX_BATCH + MAX_QUEUE)
     channel = grpc.insecure_channel(service.target)
     stub = inference_pb2_grpc.InferenceStub(channel)
-    req = pb.GenerateRequest(max_new_tokens=200, ignore_eos=True)
+    # long enough that no request ends before the last is sent (a batch of 4 decodes 64 steps; the
+    # calls go out in milliseconds), short enough that the 64 accepted ones do not take minutes
+    req = pb.GenerateRequest(max_new_tokens=new_tokens, ignore_eos=True)
     req.token_ids.ids.extend([9, 10, 11])
     calls = [stub.GenerateStream(req) for _ in range(capacity + 6)]
     outcomes = []
@@ -170,7 +173,7 @@ def test_full_cluster_is_resource_exhausted_and_others_finish(service, client):
     refused = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert refused, "some requests must be refused once every queue is full"
     assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in o.details() for o in refused)
-    assert [o for o in outcomes if not isinstance(o, grpc.RpcError)] == [200] * (len(calls) - len(refused))
+    assert [o for o in outcomes if not isinstance(o, grpc.RpcError)] == [new_tokens] * (len(calls) - len(refused))
     channel.close()
     wait_for(lambda: all_slots_free(client), 30, "slots free after the burst")
 
