@@ -47,8 +47,9 @@ def test_controller_keeps_membership_in_consul(consul_controller):
     controller, consul = consul_controller
     membership = ray.get(controller.start.remote())
     assert membership.replica_ids == ("replica-0", "replica-1")
+    # the registry is written by a background writer, off the controller's loop: soon, not at once
+    wait_for(lambda: (consul.load() or {}).get("epoch") == membership.epoch, 30, "the membership saved in Consul")
     saved = consul.load()
-    assert saved["epoch"] == membership.epoch
     assert {sid: s["pipeline"] for sid, s in saved["slots"].items()} == {m.replica_id: m.pipeline for m in membership.members}
 
     # the monitor renews each replica's 1 s TTL check: still passing several TTLs later
