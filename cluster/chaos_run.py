@@ -154,17 +154,22 @@ class Run:
             self.watchers.append(watcher)
 
     def _some_pipeline(self, pipelines: dict[str, list[dict]]) -> dict[str, list[dict]]:
-        """`pipelines`, or, while the cluster has none live (every one lost at once and being
-        rebuilt), the first ones it has again; LookupError past the recovery timeout."""
+        """Those of `pipelines` still live, or, while the cluster has none live (every one lost at once
+        and being rebuilt), the first ones it has again; LookupError past the recovery timeout."""
         import ray
 
         deadline = self.now() + self.settings.recovery_timeout_s
-        while not pipelines:
+        while True:
+            # live now: the answer above may be seconds old (stages on a paused node answer late)
+            live = {m.pipeline for m in ray.get(self.controller.membership.remote()).members}
+            live |= set(ray.get(self.controller.standbys.remote()))
+            pipelines = {name: stages for name, stages in pipelines.items() if name in live}
+            if pipelines:
+                return pipelines
             if self.now() > deadline:
                 raise LookupError(f"no live pipeline for {self.settings.recovery_timeout_s:g} s")
             time.sleep(POLL_S)
             pipelines = ray.get(self.controller.pipeline_nodes.remote())
-        return pipelines
 
     def _watch(self, fault: dict, wall: float, touched: set[str], node: dict | None) -> None:
         """Fill in the fault's detection and recovery times (seconds after it was injected)."""

@@ -213,8 +213,10 @@ class Controller:
         await self._ready.wait()
         pipelines = list(self.positions.pipelines.values())
         nodes = await asyncio.gather(*(self.placement.nodes(p, 10.0) for p in pipelines), return_exceptions=True)
-        # a pipeline whose stage does not answer (dead, or on a paused node) is left out
-        return {p.name: n for p, n in zip(pipelines, nodes, strict=True) if not isinstance(n, BaseException)}
+        # a pipeline whose stage does not answer (dead, or on a paused node) is left out, and so is one
+        # declared dead while its stages were asked
+        return {p.name: n for p, n in zip(pipelines, nodes, strict=True)
+                if not isinstance(n, BaseException) and p.name in self.positions.pipelines}
 
     async def stats(self) -> dict[str, list[dict | None]]:
         """Each ring member's per-stage stats (None for a stage that did not answer)."""

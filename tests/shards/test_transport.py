@@ -48,6 +48,7 @@ def test_result_round_trips(tokens, mb_id):
 def _peer(rank: int, port: int, queue, timeout_s: float) -> None:
     from shards.transport import PipeLink
 
+    queue.put(("ready", None, None))
     link = PipeLink(rank, 2, "127.0.0.1", port, "gloo", timeout_s, 4, torch.device("cpu"))
     header, payload = link.recv_forward(8, torch.float32)
     queue.put(("got", header.mb_id, payload.sum().item()))
@@ -67,6 +68,9 @@ def pair():
     queue = ctx.Queue()
     proc = ctx.Process(target=_peer, args=(1, store.port, queue, 3.0), daemon=True)
     proc.start()
+    # a spawned process imports torch before it can join: seconds on a loaded machine, which the
+    # group's 3 s timeout (what the tests below are about) must not include
+    assert queue.get(timeout=120) == ("ready", None, None)
     link = PipeLink(0, 2, "127.0.0.1", store.port, "gloo", 3.0, 4, torch.device("cpu"), store=store)
     yield link, proc, queue
     if proc.is_alive():
@@ -107,6 +111,7 @@ def test_hung_peer_times_out(pair):
 def _sink(port: int, n: int, queue) -> None:
     from shards.transport import PipeLink
 
+    queue.put("ready")
     link = PipeLink(1, 2, "127.0.0.1", port, "gloo", 10.0, 4, torch.device("cpu"))
     for _ in range(n):
         link.recv_forward(8, torch.float32)
@@ -125,6 +130,7 @@ def test_sends_do_not_pile_up():
     queue = ctx.Queue()
     proc = ctx.Process(target=_sink, args=(store.port, n, queue), daemon=True)
     proc.start()
+    assert queue.get(timeout=120) == "ready"  # imports done (see `pair`)
     link = PipeLink(0, 2, "127.0.0.1", store.port, "gloo", 10.0, 4, torch.device("cpu"), store=store)
     try:
         for i in range(n):
