@@ -423,7 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.local import prepare_local
+    from cluster.local import NoRayCluster, prepare_local
 
     prepare_local(getattr(args, "address", None))  # before anything imports Ray
     from shards.errors import ShardsError
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_generate(args) if args.command == "generate" else cmd_status(args)
         return cmd_run(args)
-    except (ConfigError, ShardsError) as exc:
+    except (ConfigError, ShardsError, NoRayCluster) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

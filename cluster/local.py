@@ -38,6 +38,24 @@ def prepare_local(address: str | None = None) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+class NoRayCluster(Exception):
+    """Nothing answers at the Ray address given (Ray itself would retry for minutes)."""
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise NoRayCluster unless a GCS-like port answers at `address` ("host:port"; others pass)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray finds the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise NoRayCluster(f"no Ray cluster at {address} ({exc.strerror or exc}): start one "
+                           "(`ray start --head`, `ringpipe serve`) or pass its address") from exc
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
     """Connect to `address` (or RAY_ADDRESS) when given, else start a local Ray on 127.0.0.1.
 
@@ -50,6 +68,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return "joined"
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=not quiet, runtime_env=LOOPBACK_HOOK)
         return "joined"
     cores = os.cpu_count() or 1

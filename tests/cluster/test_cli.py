@@ -79,3 +79,15 @@ def test_run_errors_are_one_line(glm_dir, tmp_path):
     assert cfg.returncode != 0 and "pipeline.stages" in cfg.stderr
     ids = ringpipe("run", "--model", str(glm_dir), "--prompt-ids", "1,x")
     assert ids.returncode != 0 and "--prompt-ids" in ids.stderr
+
+
+def test_commands_given_no_ray_cluster_say_so_in_one_line(tmp_path):
+    """A Ray address where nothing listens: one line naming it, not Ray's minutes of retries."""
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    for args in (("chaos", "--target", "127.0.0.1:1", "--report", str(tmp_path / "r")),
+                 ("undeploy",)):
+        done = ringpipe(*args, "--address", address, timeout=120)
+        assert done.returncode != 0 and f"no Ray cluster at {address}" in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
