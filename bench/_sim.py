@@ -6,7 +6,8 @@
   pipeline's stages on distinct nodes, and a node's stages all live in one host, so the monitor's
   per-node probing works as on a cluster. Where the nodes and hosts are is read from Ray's KV
   (`write_config`, keyed by the controller's name, which every pipeline name starts with).
-- `StageHost`: answers pings (a real stage's answer, without load) and keeps every `vigil` call
+- `StageHost`: answers pings, Ray calls and datagrams (`shards/beat.py`, one socket per host)
+  (a real stage's answer, without load) and keeps every `vigil` call
   pending until its stage fails (a head's also until its pipeline stalled, as a real head's). Faults: `crash` (the vigil returns "failed" at once, pings say
   "failed") and `hang` (pings never answer, the vigil stays pending). A hung stage that is not a
   head stalls its pipeline: its head reports `pipeline_wait_s` counted from the hang, as a real head
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import ray
 
+from shards.beat import BeatResponder
 from shards.replica import answers
 
 KV_NAMESPACE = "ringpipe-bench"
@@ -260,6 +262,9 @@ class SimulatedPipeline:
     def send_pings(self) -> list:
         return [self.send_ping(i) for i in range(len(self.actors))]
 
+    def send_beat_address(self, index: int):
+        return self._handle(self.actors[index]).beat_address.remote()
+
     def send_vigils(self, stall_after_s: float | None = None) -> list:
         return [self._handle(s).vigil.remote(self.name, s.index, stall_after_s if s.index == 0 else None)
                 for s in self.actors]
@@ -284,6 +289,18 @@ class StageHost:
         self.stalled: dict[str, float] = {}  # pipeline -> wall time its head started waiting in vain
         self.stall_news: dict[str, asyncio.Event] = {}  # pipeline -> set when it stalls (head vigils wait on it)
         self.pings = 0
+        self._beats: BeatResponder | None = None
+
+    async def beat_address(self) -> tuple[str, int]:
+        """Where this host's stages answer ping datagrams (one socket for all of them)."""
+        if self._beats is None:
+            self._beats = BeatResponder(ray.util.get_node_ip_address(), self._beat_answer)
+        return self._beats.address
+
+    async def _beat_answer(self, pipeline: str, index: int) -> dict | None:
+        self.pings += 1
+        stage = self.stages.get((pipeline, index))
+        return None if stage is not None and stage.hung else self._answer(pipeline, index, stage)
 
     async def add(self, pipeline: str, stages: list[tuple[int, str]]) -> int:
         for index, node in stages:

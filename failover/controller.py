@@ -88,6 +88,7 @@ class Controller:
         self._membership = Membership()
         self._membership_ref = ray.put(self._membership)  # serialized once per epoch, whatever the watchers
         self._tasks: set[asyncio.Task] = set()
+        self._counted: dict[str, int] = {}  # ping counts already added to the metric
         self._loaded = False  # the registry has been read (recovery may still be running)
         self._boot_task = self.spawn(self._boot())
 
@@ -206,7 +207,7 @@ class Controller:
         and where the controller runs (its node and process)."""
         ok, why = self.registry.health()
         return {"registry_ok": ok, "registry_error": why, "monitor_stalls": self.monitor.liveness.stalls,
-                "ready": self._ready.is_set(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+                "pings": self.monitor.ping_counts(), "ready": self._ready.is_set(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     async def pipeline_nodes(self) -> dict[str, list[dict]]:
         """Each live pipeline's stage actors: node id, IP and process id (for chaos tests)."""
@@ -285,6 +286,11 @@ class Controller:
     def _renew(self) -> None:
         """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks); queues."""
         m = metrics()
+        counts = self.monitor.ping_counts()
+        for way, key in (("datagram", "datagrams"), ("ray", "ray_calls")):
+            if counts[key] > self._counted.get(key, 0):
+                m.pings.inc(counts[key] - self._counted.get(key, 0), tags={"way": way})
+        self._counted = counts
         for sid, slot in self.positions.slots.items():
             if slot.pipeline is None:
                 continue

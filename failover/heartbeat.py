@@ -19,6 +19,9 @@ and acts on the verdicts `check` returns. Rules:
   through their head (the pipeline's traffic and keepalive) and the fast path.
 - A transient failure ("actor unavailable") is not an answer: the stage is
   pinged again and its silence clock keeps running.
+- A ping may be lost (a datagram): one unanswered for `interval_s` is
+  `overdue`, and the loop may send it again (`resent`) — by datagram and by Ray
+  call; the silence clock keeps running from the first send.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class _Stage:
     silent_since: float | None = None  # send time of the oldest ping unanswered since the last answer
     dead_reason: str | None = None  # set by the fast path, reported by the next check
     pinged: bool = True  # False: watched through the fast path only (a stage seen through its head)
+    resent: bool = False  # the outstanding ping was sent again: its answer's round trip means nothing
 
 
 class HeartbeatMonitor:
@@ -99,9 +103,18 @@ class HeartbeatMonitor:
             and now - s.last_ping >= self.settings.interval_s
         ]
 
+    def overdue(self) -> list[Hashable]:
+        """Live stages whose ping has gone unanswered for `interval_s` since it was last sent."""
+        now = self.clock()
+        return [
+            key for key, s in self._stages.items()
+            if s.pinged and s.health is not Health.DEAD and s.ping_sent is not None
+            and now - s.last_ping >= self.settings.interval_s
+        ]
+
     def next_event(self) -> float:
-        """When a ping next falls due or a silence reaches `timeout_s` (clock time; inf: never),
-        so that the loop wakes on time rather than a tick late."""
+        """When a ping next falls due (or overdue) or a silence reaches `timeout_s` (clock time;
+        inf: never), so that the loop wakes on time rather than a tick late."""
         interval, timeout = self.settings.interval_s, self.settings.timeout_s
         soonest = float("inf")
         for s in self._stages.values():
@@ -109,7 +122,7 @@ class HeartbeatMonitor:
                 continue
             if s.silent_since is not None:
                 soonest = min(soonest, s.silent_since + timeout)
-            if s.pinged and s.ping_sent is None:
+            if s.pinged:
                 soonest = min(soonest, s.last_ping + interval)
         return soonest
 
@@ -120,16 +133,24 @@ class HeartbeatMonitor:
             if stage.silent_since is None:
                 stage.silent_since = stage.ping_sent
 
+    def resent(self, key: Hashable) -> None:
+        """The outstanding ping was sent again (or deliberately not): `overdue` again an interval
+        from now. The silence clock keeps running from the first send."""
+        stage = self._stages.get(key)
+        if stage is not None and stage.ping_sent is not None:
+            stage.last_ping, stage.resent = self.clock(), True
+
     def answered(self, key: Hashable, failed: str | None = None) -> float | None:
         """The stage answered its outstanding ping; `failed` is its own report of a broken pipeline.
 
-        Returns the ping's round trip (None when no ping was outstanding)."""
+        Returns the ping's round trip (None when no ping was outstanding, or it was sent again)."""
         stage = self._stages.get(key)
         if stage is None or stage.health is Health.DEAD:
             return None
         now = self.clock()
-        latency = now - stage.ping_sent if stage.ping_sent is not None else None
+        latency = now - stage.ping_sent if stage.ping_sent is not None and not stage.resent else None
         stage.ping_sent = stage.silent_since = None
+        stage.resent = False
         if failed:
             stage.dead_reason = failed
         return latency
@@ -139,7 +160,7 @@ class HeartbeatMonitor:
         the silence clock keeps running."""
         stage = self._stages.get(key)
         if stage is not None:
-            stage.ping_sent = None
+            stage.ping_sent, stage.resent = None, False
 
     def died(self, key: Hashable, reason: str) -> None:
         """The fast path: the actor is gone, or its pipeline broke or stalled."""

@@ -26,6 +26,7 @@ class Metrics:
     time_to_first_token_s: object  # Histogram
     time_per_output_token_s: object  # Histogram
     weight: object  # Gauge {replica}: the adaptive weight scaling its share of new work
+    pings: object  # Counter {way}: heartbeat pings the controller sent, by datagram or Ray call
 
 
 @functools.cache
@@ -57,4 +58,6 @@ def metrics() -> Metrics:
         ),
         weight=Gauge("ringpipe_replica_weight", "adaptive weight of each ring position (1 = normal share)",
                      tag_keys=("replica",)),
+        pings=Counter("ringpipe_heartbeat_pings", "heartbeat pings the controller sent, by way (datagram or ray)",
+                      tag_keys=("way",)),
     )

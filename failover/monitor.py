@@ -1,7 +1,9 @@
 """The monitor loop: what the controller learns about its pipelines, on its event loop.
 
 Work grows with pipelines and nodes, not with stages: each round pings every
-pipeline's head; every `CPU_SAMPLE_S` one stage per node (the node's probe) is
+pipeline's head (a UDP datagram, `shards/beat.py`, once the head has answered
+one; a Ray call until then, and whenever a datagram goes unanswered for an
+interval: a Ray call costs the controller ten times a datagram's CPU); every `CPU_SAMPLE_S` one stage per node (the node's probe) is
 asked for its node's CPU, unless a head there has just said it; and every stage
 has one `vigil` call outstanding that Ray fails the moment its actor dies and
 that returns the moment its stage fails (the fast path; nothing periodic). A
@@ -12,8 +14,8 @@ answers say it too).
 
 Answers feed three pure cores: `HeartbeatMonitor` (alive or dead),
 `SlowPolicy` (paused or not: ping round trip and the head's inference step
-latency) and `AdaptiveWeights` (node CPU). Each ping is a task that takes its
-answer in the moment it arrives; `round()` sends the pings due and returns the
+latency) and `AdaptiveWeights` (node CPU). A datagram's answer is taken in by
+the socket's reader, a Ray ping's by a task, the moment either arrives; `round()` sends the pings due and returns the
 death verdicts. Everything here runs on the controller's event loop: nothing
 blocks, and there is no lock.
 """
@@ -31,6 +33,7 @@ from failover.adaptive import AdaptiveSettings, AdaptiveWeights
 from failover.heartbeat import HeartbeatMonitor, HeartbeatSettings, Verdict
 from failover.membership import StageInfo
 from failover.slow import SlowPolicy, SlowSettings
+from shards.beat import BeatPinger
 
 log = logging.getLogger("ringpipe.monitor")
 CPU_SAMPLE_S = 2.0  # how often each node's probe is asked for its node's CPU
@@ -54,9 +57,14 @@ class Monitor:
         self.queue_depth: dict[str, int] = {}  # pipeline -> requests its head has waiting
         self._watched: dict[str, _Watched] = {}
         self._probes: dict[str, tuple[str, int]] = {}  # node -> the stage actor pinged for it
-        self._pings: set[asyncio.Task] = set()
+        self._pings: dict[tuple[str, int], asyncio.Task] = {}  # Ray pings outstanding
+        self._beats: BeatPinger | None = None  # opened at the first watch (it needs the running loop)
+        self._beats_failed = False
+        self._lookups: dict[str, asyncio.Task] = {}  # pipeline -> the ask for its head's ping address
+        self._by_datagram: set[str] = set()  # pipelines whose head has answered a datagram
         self._sampled = 0.0
         self.lagging = False
+        self.ray_pings = 0  # Ray ping calls sent (datagrams: `self._beats.sent`)
 
     # -- what is watched
     def watch(self, pipeline, stages: tuple[StageInfo, ...]) -> None:
@@ -69,6 +77,32 @@ class Monitor:
             if node not in self._probes:
                 self._probes[node] = (name, i)
             self.liveness.watch((name, i), pinged=i == 0)  # heads: they answer for their whole pipeline
+        if self._open_beats() and hasattr(pipeline, "send_beat_address"):
+            self._lookups[name] = asyncio.ensure_future(self._look_up(name, pipeline))
+
+    def _open_beats(self) -> bool:
+        if self._beats is None and not self._beats_failed:
+            try:
+                self._beats = BeatPinger(ray.util.get_node_ip_address(), self._answered_datagram)
+            except OSError as exc:
+                self._beats_failed = True
+                log.warning("no UDP socket for ping datagrams (%s): heads are pinged by Ray calls", exc)
+        return self._beats is not None
+
+    async def _look_up(self, name: str, pipeline) -> None:
+        try:
+            address = await pipeline.send_beat_address(0)
+        except ray.exceptions.RayError as exc:  # an old stage, or going away: Ray pings it is
+            log.debug("%s: no ping address (%s)", name, short(exc))
+            return
+        finally:
+            self._lookups.pop(name, None)
+        if name in self._watched and self._beats is not None:
+            self._beats.add((name, 0), address)
+
+    def _answered_datagram(self, key: tuple[str, int], answer: dict) -> None:
+        self._by_datagram.add(key[0])
+        self._take(key, answer)
 
     def forget(self, name: str) -> None:
         watched = self._watched.pop(name, None)
@@ -76,6 +110,11 @@ class Monitor:
             return
         for task in watched.vigils:
             task.cancel()
+        if (lookup := self._lookups.pop(name, None)) is not None:
+            lookup.cancel()
+        if self._beats is not None:
+            self._beats.remove((name, 0))
+        self._by_datagram.discard(name)
         for i in range(len(watched.actor_nodes)):
             self.liveness.forget((name, i))
         self.slow.forget(name)
@@ -97,8 +136,11 @@ class Monitor:
     def stop(self) -> None:
         for name in list(self._watched):
             self.forget(name)
-        for task in self._pings:
+        for task in list(self._pings.values()):
             task.cancel()
+        if self._beats is not None:
+            self._beats.close()
+            self._beats = None
 
     # -- one round
     def round(self, lag_s: float = 0.0) -> list[Verdict]:
@@ -111,6 +153,12 @@ class Monitor:
             if watched is not None:
                 self._send(key, watched)
                 self.liveness.sent(key)
+        for key in self.liveness.overdue():  # a datagram lost, or a head hung: again, and by Ray too
+            if (watched := self._watched.get(key[0])) is not None:
+                if self._beats is not None:
+                    self._beats.send(key)
+                self._send_ray(key, watched)
+            self.liveness.resent(key)
         now = time.monotonic()
         if now - self._sampled >= CPU_SAMPLE_S:  # each node's CPU, from its probe
             self._sampled = now
@@ -119,13 +167,28 @@ class Monitor:
                 if seen is not None and now - seen[1] < CPU_SAMPLE_S:
                     continue  # a head there answered with its node's CPU this round already
                 if (watched := self._watched.get(key[0])) is not None and key[1] != 0:
-                    self._send(key, watched)
+                    self._send_ray(key, watched)
         return self.liveness.check()
 
     def _send(self, key: tuple[str, int], watched: _Watched) -> None:
+        """A datagram where the head has an address; a Ray call as well until it has answered one."""
+        by_datagram = self._beats is not None and self._beats.send(key)
+        if not by_datagram or key[0] not in self._by_datagram:
+            self._send_ray(key, watched)
+
+    def _send_ray(self, key: tuple[str, int], watched: _Watched) -> None:
+        if key in self._pings:  # one Ray ping at a time (a hung stage's stays pending)
+            return
         task = asyncio.ensure_future(self._ping(key, watched.pipeline.send_ping(key[1])))
-        self._pings.add(task)
-        task.add_done_callback(self._pings.discard)
+        self.ray_pings += 1
+        self._pings[key] = task
+        task.add_done_callback(lambda _, key=key: self._pings.pop(key, None))
+
+    def ping_counts(self) -> dict[str, int]:
+        """Pings sent so far, by way: datagrams (and how many were answered) and Ray calls."""
+        beats = self._beats
+        return {"datagrams": beats.sent if beats else 0, "datagram_answers": beats.answers if beats else 0,
+                "ray_calls": self.ray_pings}
 
     def cpu_of(self, name: str, fresh_s: float = 5.0) -> float | None:
         """The busiest node's CPU utilisation among those `name` runs on (recent samples only)."""

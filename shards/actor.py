@@ -14,6 +14,7 @@ import time
 
 import ray
 
+from shards.beat import BeatResponder
 from shards.load import NodeCpu
 from shards.model import ModelArgs
 from shards.partition import StagePlan
@@ -29,6 +30,7 @@ class StageActor:
         self._slow_s, self._slow_until = 0.0, 0.0
         self._cpu = NodeCpu(os.getppid())  # a worker's parent is its node's raylet
         self._cpu_at, self._cpu_value = 0.0, None
+        self._beats: BeatResponder | None = None
 
     async def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()
@@ -60,6 +62,15 @@ class StageActor:
             answer.update(self.stage.pipeline_view())
         return answer
 
+    async def beat_address(self) -> tuple[str, int]:
+        """Where this stage answers ping datagrams (`shards/beat.py`), on its node's address."""
+        if self._beats is None:
+            self._beats = BeatResponder(ray.util.get_node_ip_address(), self._beat_answer)
+        return self._beats.address
+
+    async def _beat_answer(self, pipeline: str, index: int) -> dict | None:
+        return await self.ping() if pipeline == self.stage.replica else None
+
     async def slow_heartbeats(self, delay_s: float, duration_s: float) -> None:
         """Fault injection (chaos tooling, tests): answer pings `delay_s` late for `duration_s`,
         as an overloaded or throttled host would; generation itself goes on."""
@@ -87,6 +98,9 @@ class StageActor:
         return self.stage.stats()
 
     async def shutdown(self) -> None:
+        if self._beats is not None:
+            self._beats.close()
+            self._beats = None
         await asyncio.to_thread(self.stage.shutdown)
 
     async def generate(self, request: GenerationRequest):

@@ -205,6 +205,10 @@ class Replica:
         """One `ping` call to stage actor `index` (a ref), for a monitor that awaits it."""
         return self.actors[index].ping.remote()
 
+    def send_beat_address(self, index: int):
+        """Where stage actor `index` answers ping datagrams (a ref to (host, port); `shards/beat.py`)."""
+        return self.actors[index].beat_address.remote()
+
     def send_pings(self) -> list:
         """One `ping` call per stage actor (refs, in actor order), for a monitor that waits on them."""
         return [a.ping.remote() for a in self.actors]

@@ -21,6 +21,7 @@ import ray
 
 from cluster import chaos
 from coordinator.client import Client
+from failover.heartbeat import HeartbeatSettings
 from protos.ringpipe.v1 import admin_pb2
 from tests.conftest import REPLICAS, STANDBY
 from tests.reference import hf_greedy, wait_for
@@ -319,6 +320,22 @@ def test_a_stalled_controller_declares_nobody_dead(service, controller, client, 
         (m.replica_id, m.pipeline, m.epoch) for m in before_members
     ]
     assert ray.get(controller.health.remote())["monitor_stalls"] >= 1  # it noticed its own stall
+
+
+def test_heads_are_pinged_by_datagram_once_they_answer_one(service, controller, client):
+    """Steady state: the heads answer ping datagrams, and Ray calls are only the fallback (before a
+    head's first datagram answer, a datagram unanswered for an interval, a node's CPU sample)."""
+    wait_converged(controller, client)
+    seconds, heads = 4.0, REPLICAS + STANDBY
+    before = ray.get(controller.health.remote())["pings"]
+    time.sleep(seconds)
+    after = ray.get(controller.health.remote())["pings"]
+    answered = after["datagram_answers"] - before["datagram_answers"]
+    by_ray = after["ray_calls"] - before["ray_calls"]
+    interval = HeartbeatSettings().interval_s
+    assert answered >= heads * seconds / interval / 2, (before, after)  # each head, most intervals
+    assert after["datagrams"] - before["datagrams"] >= answered
+    assert by_ray < answered / 2, (before, after)
 
 
 def test_killed_controller_recovers_membership(service, controller, client, expected):

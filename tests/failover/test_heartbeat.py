@@ -55,6 +55,38 @@ def test_pings_are_spaced_by_the_interval_and_one_at_a_time():
     assert m.due() == ["a"]
 
 
+def test_an_unanswered_ping_is_overdue_each_interval_and_resending_keeps_the_silence_clock():
+    m, clock = monitor("a")
+    m.sent("a")
+    clock.now += 0.4
+    assert m.overdue() == []
+    clock.now += 0.1
+    assert m.overdue() == ["a"]  # a lost datagram: send it again
+    m.resent("a")
+    assert m.overdue() == [] and m.due() == []  # still one ping outstanding, not a new one
+    assert m.next_event() == clock.now + SETTINGS.interval_s
+    for _ in range(4):  # resent every interval, 2.5 s after the first send in all
+        clock.now += SETTINGS.interval_s
+        assert m.overdue() == ["a"]
+        m.resent("a")
+        assert m.check() == []
+    clock.now += SETTINGS.timeout_s - 2.5
+    (verdict,) = m.check()  # the silence counts from the first send, not the last resend
+    assert verdict.key == "a" and verdict.silent_s >= SETTINGS.timeout_s
+
+
+def test_an_answer_to_a_resent_ping_ends_the_silence():
+    m, clock = monitor("a")
+    m.sent("a")
+    for _ in range(4):
+        clock.now += SETTINGS.interval_s
+        m.resent("a")
+    clock.now += 0.1
+    assert m.answered("a") is None  # which send it answers is unknown: no round trip for the slow rule
+    assert m.overdue() == []
+    assert advance(m, clock, 2 * SETTINGS.timeout_s) == []  # no ping outstanding: no silence
+
+
 def advance(m, clock, seconds, step=0.1):
     """Time passes with the monitor checking every `step`, as its loop does; the verdicts seen."""
     out = []
@@ -210,6 +242,8 @@ def test_a_loop_woken_at_next_event_finds_a_hang_within_timeout_plus_interval(la
         wake(m, clock)
         for key in m.due():
             m.sent(key)
+        for key in m.overdue():  # as the monitor loop does: a lost datagram is sent again
+            m.resent(key)
         verdicts = m.check()
     (verdict,) = verdicts
     assert verdict.health is Health.DEAD and verdict.silent_s >= SETTINGS.timeout_s
