@@ -3,8 +3,9 @@
 Every coordinator replica runs one `MembershipFollower`. `watch` returns at once
 when the controller's epoch or incarnation differs from the follower's (a
 restarted controller answers at once whatever its epoch), else after
-`timeout_s`; the membership itself comes by reference, serialized once per
-epoch by the controller and fetched here only when it is new. A controller that
+`timeout_s`; the membership comes in the answer, encoded once per epoch by
+the controller (no second call to fetch it), and is decoded here only when it
+is new. A controller that
 cannot be reached is retried; the follower keeps the last membership meanwhile,
 so a controller's restart never empties a coordinator's ring.
 """
@@ -15,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from failover.membership import Membership
+from failover.membership import Membership, decode
 
 log = logging.getLogger("ringpipe.coordinator")
 
@@ -30,11 +31,11 @@ class MembershipFollower:
     async def run(self) -> None:
         while True:
             try:
-                epoch, incarnation, ref = await self.controller.watch.remote(
+                epoch, incarnation, blob = await self.controller.watch.remote(
                     self.epoch, self.incarnation, self.timeout_s
                 )
-                if ref is not None and (epoch, incarnation) != (self.epoch, self.incarnation):
-                    membership = await ref
+                if blob is not None and (epoch, incarnation) != (self.epoch, self.incarnation):
+                    membership = decode(blob)
                     self.epoch, self.incarnation = membership.epoch, incarnation
                     self.on_change(membership)
             except asyncio.CancelledError:

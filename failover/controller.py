@@ -39,7 +39,7 @@ import ray
 from failover import recovery
 from failover.adaptive import AdaptiveSettings
 from failover.heartbeat import HeartbeatSettings, Verdict
-from failover.membership import Membership
+from failover.membership import Membership, encode
 from failover.metrics import metrics
 from failover.monitor import Monitor
 from failover.placement import Placement
@@ -86,7 +86,7 @@ class Controller:
         self._ready = asyncio.Event()  # set once the registry has been read (a first start or a recovery)
         self._published = asyncio.Event()  # set, and replaced, at every publish: what watchers wait on
         self._membership = Membership()
-        self._membership_ref = ray.put(self._membership)  # serialized once per epoch, whatever the watchers
+        self._membership_blob = encode(self._membership)  # encoded once per epoch, whatever the watchers
         self._tasks: set[asyncio.Task] = set()
         self._counted: dict[str, int] = {}  # ping counts already added to the metric
         self._loaded = False  # the registry has been read (recovery may still be running)
@@ -182,8 +182,8 @@ class Controller:
         return self._membership
 
     async def watch(self, epoch: int, incarnation: str = "", timeout_s: float = 10.0):
-        """(epoch, incarnation, a reference to the membership), once either differs from the
-        caller's, else the current ones after `timeout_s`. The reference is None while a restarted
+        """(epoch, incarnation, the membership encoded), once either differs from the caller's,
+        else the current ones after `timeout_s`. The membership is None while a restarted
         controller has not yet read its registry: no news, not an empty membership."""
         published = self._published
         try:
@@ -193,7 +193,7 @@ class Controller:
         except TimeoutError:
             if not self._ready.is_set():
                 return epoch, incarnation, None
-        return self._membership.epoch, self._incarnation, self._membership_ref
+        return self._membership.epoch, self._incarnation, self._membership_blob
 
     async def failovers(self) -> list[dict]:
         """Recent failovers, oldest first."""
@@ -229,7 +229,7 @@ class Controller:
     def publish(self) -> None:
         """Make the current positions the membership every watcher gets; save them."""
         membership = self.positions.membership(self.spec.max_batch)
-        self._membership, self._membership_ref = membership, ray.put(membership)
+        self._membership, self._membership_blob = membership, encode(membership)
         published, self._published = self._published, asyncio.Event()
         published.set()
         m = metrics()

@@ -8,10 +8,15 @@ up by one at every change: a replica joins or leaves, or is paused from new work
 A member is one pipeline at one ring position (`replica_id`, a slot name that
 survives rebuilds) since `epoch`. Fencing keys on both: output from a member
 whose (replica_id, epoch) is no longer in the membership is dropped.
+
+On the wire (`encode`, `decode`) a membership is bytes made once per epoch by
+the controller and carried in the answer to every coordinator's watch.
 """
 
 from __future__ import annotations
 
+import gc
+import pickle
 from dataclasses import dataclass, field
 
 
@@ -62,3 +67,25 @@ class Membership:
 
     def get(self, replica_id: str) -> Member | None:
         return next((m for m in self.members if m.replica_id == replica_id), None)
+
+
+def encode(membership: Membership) -> bytes:
+    """The membership as bytes (the heads' actor handles included), made once per epoch."""
+    return pickle.dumps(membership, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(blob: bytes) -> Membership:
+    """The membership `encode` made, decoded with the cyclic garbage collector paused.
+
+    A membership of 250 pipelines is some 2,500 small objects, none in a cycle. Made with
+    the collector on, in a process that already holds many objects (a coordinator), the
+    collections they trigger cost more than the decoding itself: 256 followers took a new
+    epoch in 1.0 s p99 with it on and 0.34 s with it paused (bench/control_plane-findings.md).
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return pickle.loads(blob)
+    finally:
+        if was_on:
+            gc.enable()
