@@ -1,7 +1,8 @@
 """The controller: a detached, named, restartable Ray actor that keeps the pipeline replicas alive.
 
 It creates every replica (a detached placement group and stage actors, named
-so that they outlive it), watches them (`failover/monitor.py`), and publishes
+so that they outlive it), watches them (`failover/rounds.py` drives
+`failover/monitor.py`; a death is handled there), and publishes
 the epoch-numbered `Membership` coordinators route by. Coordinators find it by
 name (`CONTROLLER_NAME` in `NAMESPACE`) and follow the membership with
 `watch(epoch)`, a long poll that holds no thread: the controller is an asyncio
@@ -30,20 +31,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
 from dataclasses import dataclass
 
 import ray
 
-from failover import recovery
+from failover import recovery, rounds
 from failover.adaptive import AdaptiveSettings
-from failover.heartbeat import HeartbeatSettings, Verdict
+from failover.heartbeat import HeartbeatSettings
 from failover.membership import Membership, encode
 from failover.metrics import metrics
 from failover.monitor import Monitor
 from failover.placement import Placement
-from failover.positions import Failover, Positions
+from failover.positions import Positions
 from failover.registry import GcsRegistry, Registry, RegistryWriter
 from failover.slow import SlowSettings
 from shards.replica import Replica
@@ -51,7 +51,6 @@ from shards.spec import ReplicaSpec
 
 CONTROLLER_NAME = "ringpipe-controller"
 NAMESPACE = "ringpipe"
-MIN_SLEEP_S = 0.01  # the monitor loop's shortest sleep: events closer than this are taken together
 log = logging.getLogger("ringpipe.controller")
 
 
@@ -88,7 +87,7 @@ class Controller:
         self._membership = Membership()
         self._membership_blob = encode(self._membership)  # encoded once per epoch, whatever the watchers
         self._tasks: set[asyncio.Task] = set()
-        self._counted: dict[str, int] = {}  # ping counts already added to the metric
+        self.pings_counted: dict[str, int] = {}  # ping counts already added to the metric
         self._loaded = False  # the registry has been read (recovery may still be running)
         self._boot_task = self.spawn(self._boot())
 
@@ -113,7 +112,7 @@ class Controller:
 
     def _begin(self) -> None:
         self._ready.set()
-        self.spawn(self._watch_pipelines())
+        self.spawn(rounds.run(self))
 
     # -- life cycle
     async def start(self) -> Membership:
@@ -242,110 +241,6 @@ class Controller:
     def save(self) -> None:
         self.registry.save(self.positions.state())
 
-    # -- the monitor loop
-    async def _watch_pipelines(self) -> None:
-        hb = self.settings.heartbeat
-        tick, renewed, woke = min(0.1, hb.interval_s / 4), 0.0, time.monotonic()
-        while not self.stopped:
-            try:
-                for verdict in self.monitor.round(lag_s=time.monotonic() - woke):
-                    self.spawn(self._on_death(verdict))
-                self._pace()
-                if time.monotonic() - renewed >= hb.interval_s:
-                    renewed = time.monotonic()
-                    self._renew()
-            except Exception:  # noqa: BLE001 — the monitor must outlive any one bad round
-                log.exception("monitor round failed")
-            # wake at the next ping due or silence deadline, at most a tick away (weights, pauses,
-            # CPU samples and the registry's renewals keep the tick's pace)
-            pause = min(tick, max(MIN_SLEEP_S, self.monitor.liveness.next_event() - time.monotonic()))
-            woke = time.monotonic() + pause
-            await asyncio.sleep(pause)
-
-    def _pace(self) -> None:
-        """Pauses and weights from what the monitor saw; publish when they change."""
-        serving = self.positions.serving()
-        paused = self.monitor.slow.paused(serving)
-        for name in paused ^ self.positions.paused:
-            why = self.monitor.slow.reason(name) if name in paused else "pause over"
-            log.warning("%s %s: %s", name, "paused" if name in paused else "resumed", why)
-        changed = self.positions.set_paused(paused)
-        weights = self.monitor.weights
-        for name in serving:
-            cpu = self.monitor.cpu_of(name)
-            if cpu is not None:
-                weights.observe(name, cpu)
-        for name in weights.changed() & set(serving):
-            log.warning("%s weight %.2f: %s", name, weights.weight(name), weights.reason(name) or "back to normal")
-        current = {n: (weights.weight(n), weights.reason(n)) for n in serving}
-        if self.positions.set_weights({n: w for n, w in current.items() if w != (1.0, "")}):
-            changed = True
-        if changed:
-            self.publish()
-
-    def _renew(self) -> None:
-        """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks); queues."""
-        m = metrics()
-        counts = self.monitor.ping_counts()
-        for way, key in (("datagram", "datagrams"), ("ray", "ray_calls")):
-            if counts[key] > self._counted.get(key, 0):
-                m.pings.inc(counts[key] - self._counted.get(key, 0), tags={"way": way})
-        self._counted = counts
-        for sid, slot in self.positions.slots.items():
-            if slot.pipeline is None:
-                continue
-            name = slot.pipeline.name
-            m.queue_depth.set(self.monitor.queue_depth.get(name, 0), tags={"replica": sid})
-            if name not in self.positions.paused:
-                self.registry.replica_alive(sid)
-
-    async def _on_death(self, verdict: Verdict) -> None:
-        name, actor = verdict.key
-        pipeline = self.positions.pipelines.get(name)
-        if pipeline is None:  # its death was handled already (another stage's verdict came first)
-            return
-        slot = self.positions.slot_of(name)
-        self.monitor.forget(name)
-        self.positions.drop(pipeline)
-        record = self.take_over(slot, name, actor // self.spec.tensor_parallel, verdict.reason, verdict.silent_s)
-        self.positions.set_paused(self.monitor.slow.paused(self.positions.serving()))  # a slow standby stays paused
-        self.publish()
-        self.spawn(recovery.rebuild(self))
-        try:
-            if verdict.reason.startswith(("stage failed", "pipeline stalled")):  # which peer was it? after the
-                culprit = await self.placement.culprit(pipeline, actor)   # takeover, which does not wait on it
-                record.stage = culprit // self.spec.tensor_parallel
-                self.save()
-        finally:
-            await self._retire(pipeline)
-
-    def take_over(self, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> Failover:
-        """Hand a dead pipeline's ring position to a standby (or leave it for the rebuild); record it."""
-        record = self.positions.take_over(slot, pipeline, stage, reason, silent_s, time.time())
-        m = metrics()
-        if slot is not None:
-            self.registry.replica_down(slot)
-            if record.action == "standby promoted":
-                stages = self.positions.slots[slot].stages
-                self.registry.replica_up(slot, stages[0].address if stages else "")
-            m.takeovers.inc(tags={"action": record.action})
-        m.failures_detected.inc(tags={"replica": slot or "standby", "kind": _kind(reason)})
-        m.detection_latency_s.observe(silent_s)
-        log.warning("%s (%s) stage %d dead after %.2fs silent: %s → %s",
-                    slot or "standby", pipeline, stage, silent_s, reason, record.action)
-        return record
-
-    async def _retire(self, pipeline) -> None:
-        """Shut a pipeline down; until it is gone a restart would discard it."""
-        self.positions.unsettled.add(pipeline.name)
-        self.save()
-        try:
-            await self.placement.retire(pipeline)
-        finally:
-            self.positions.unsettled.discard(pipeline.name)
-            self.save()
-
-
 def _registry(settings: ControllerSettings, name: str) -> Registry:
     if settings.consul is not None:
         from failover.consul import ConsulRegistry
@@ -353,10 +248,3 @@ def _registry(settings: ControllerSettings, name: str) -> Registry:
         return ConsulRegistry(settings.consul)
     return GcsRegistry(f"{name}/state", NAMESPACE)
 
-
-def _kind(reason: str) -> str:
-    if reason.startswith(("no heartbeat", "pipeline stalled")):
-        return "hung"
-    if "actor died" in reason:
-        return "crashed"
-    return "broken"

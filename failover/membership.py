@@ -79,8 +79,9 @@ def decode(blob: bytes) -> Membership:
 
     A membership of 250 pipelines is some 2,500 small objects, none in a cycle. Made with
     the collector on, in a process that already holds many objects (a coordinator), the
-    collections they trigger cost more than the decoding itself: 256 followers took a new
-    epoch in 1.0 s p99 with it on and 0.34 s with it paused (bench/control_plane-findings.md).
+    collections they trigger cost more than the decoding itself: 256 followers in 4 processes
+    took a new epoch in 1.03 s p99 with it on and 0.40 s with it paused
+    (`bench/results/membership_watch.md`).
     """
     was_on = gc.isenabled()
     gc.disable()

@@ -1,5 +1,9 @@
 """Recovery and rebuild: a restarted controller finds its pipelines again; lost ones are rebuilt.
 
+`take_over` hands a dead pipeline's ring position to a standby, or leaves it
+empty for `rebuild`, and records the failover (a death verdict's, from
+`failover/rounds.py`, or a pipeline found gone at a restart).
+
 `load_state` reads the registry, retrying in the background while it cannot
 (the controller runs meanwhile and says the registry is degraded). `recover`
 attaches to every pipeline the previous incarnation saved; one that cannot be
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import time
 
+from failover.metrics import metrics
 from failover.positions import Failover, Slot
 
 log = logging.getLogger("ringpipe.recovery")
@@ -75,7 +80,7 @@ async def recover(ctl, state: dict) -> None:
                 gone.append(saved["pipeline"])
     await asyncio.gather(*(placement.discard(name) for name in gone))
     for sid, name, why in lost:
-        ctl.take_over(sid, name, 0, f"pipeline gone when the controller restarted: {why}", 0.0)
+        take_over(ctl, sid, name, 0, f"pipeline gone when the controller restarted: {why}", 0.0)
     ctl.publish()
     missing = len(positions.empty_slots()) + max(0, ctl.settings.standby - len(positions.standbys))
     log.warning("controller restarted: recovered epoch %d, %d positions, %d lost, %d standbys gone, %d to rebuild",
@@ -109,3 +114,27 @@ async def rebuild(ctl) -> None:
     if slot is not None:
         ctl.registry.replica_up(slot, stages[0].address if stages else "")
     ctl.publish()
+
+
+def take_over(ctl, slot: str | None, pipeline: str, stage: int, reason: str, silent_s: float) -> Failover:
+    """Hand a dead pipeline's ring position to a standby (or leave it for the rebuild); record it."""
+    record = ctl.positions.take_over(slot, pipeline, stage, reason, silent_s, time.time())
+    m = metrics()
+    if slot is not None:
+        ctl.registry.replica_down(slot)
+        if record.action == "standby promoted":
+            stages = ctl.positions.slots[slot].stages
+            ctl.registry.replica_up(slot, stages[0].address if stages else "")
+        m.takeovers.inc(tags={"action": record.action})
+    m.failures_detected.inc(tags={"replica": slot or "standby", "kind": _kind(reason)})
+    m.detection_latency_s.observe(silent_s)
+    log.warning("%s (%s) stage %d dead after %.2fs silent: %s → %s",
+                slot or "standby", pipeline, stage, silent_s, reason, record.action)
+    return record
+
+def _kind(reason: str) -> str:
+    if reason.startswith(("no heartbeat", "pipeline stalled")):
+        return "hung"
+    if "actor died" in reason:
+        return "crashed"
+    return "broken"
