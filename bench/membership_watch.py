@@ -1,6 +1,6 @@
 """How fast a new membership reaches many coordinators, by how it travels and is decoded.
 
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/membership_watch.py     # ~4 min
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/membership_watch.py     # ~1 min
 
 A stand-in controller (an asyncio actor answering `watch` as `failover.controller.Controller`
 does) holds a membership of `--members` pipelines of 4 stages, each with a real actor handle for
