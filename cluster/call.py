@@ -77,6 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "replica_id": r.replica_id, "state": STATES.get(r.state, str(r.state)), "epoch": r.epoch,
             "ring_share": round(r.ring_share, 4), "in_flight": r.in_flight, "queue_depth": r.queue_depth,
             "free_slots": r.free_slots, "total_slots": r.total_slots, "cached_prefixes": r.cached_prefixes,
+            "reused_tokens": r.reused_tokens,
             "weight": round(r.weight, 3), "weight_reason": r.weight_reason,
             "stages": [
                 {"index": s.index, "node_id": s.node_id, "address": s.address, "layers": [s.layer_start, s.layer_end]}

@@ -125,6 +125,10 @@ class ServerConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy port (Serve always opens one)")
     coordinators: int = Field(2, ge=1, le=256, description="coordinator replicas (Serve deployment)")
     max_ongoing_requests: int = Field(1024, ge=1, description="calls one coordinator replica takes at once")
+    max_health_watches: int = Field(
+        64, ge=0, description="grpc.health.v1 Watch streams one coordinator replica holds open (each takes one of its "
+        "max_ongoing_requests for as long as it lasts); more are refused with RESOURCE_EXHAUSTED"
+    )
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages are refused")
     max_new_tokens: int | None = Field(None, ge=1, description="the most a request may ask for; default max_seq_len")
     request_timeout_s: float | None = Field(None, gt=0, description="Serve's end-to-end limit per call")
@@ -167,6 +171,10 @@ class TakeoverConfig(_Strict):
     retry_interval_s: float = Field(0.1, ge=0, description="wait before a resume, doubled for each further one")
     max_resume_tokens: int = Field(
         8192, ge=0, description="a generation longer than this is not resumed by the server (the client still can)"
+    )
+    wait_s: float = Field(
+        30.0, ge=0, description="how long a request waits for a replica while none can take it (every one lost, "
+        "a standby or rebuild coming); the client's deadline still ends it sooner"
     )
 
 

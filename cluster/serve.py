@@ -83,10 +83,12 @@ def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
         load_factor=cfg.routing.load_factor,
         vnodes=cfg.routing.vnodes,
         auth_token=auth_token(cfg),
+        max_health_watches=min(cfg.server.max_health_watches, cfg.server.max_ongoing_requests - 1),
         takeover=Takeover(
             max_retries=cfg.failover.takeover.max_retries,
             retry_interval_s=cfg.failover.takeover.retry_interval_s,
             max_resume_tokens=cfg.failover.takeover.max_resume_tokens,
+            wait_s=cfg.failover.takeover.wait_s,
         ),
     )
 

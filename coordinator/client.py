@@ -54,6 +54,7 @@ class Completion:
     replica_id: str
     queue_ms: float
     time_to_first_token_ms: float
+    seed: int | None = None  # the sampling seed the server used (None: greedy)
 
 
 @dataclass
@@ -102,7 +103,7 @@ def build_request(
     if top_p is not None:
         msg.sampling.top_p = top_p
     if seed is None and temperature:
-        seed = secrets.randbelow(2**63)
+        seed = secrets.randbelow(2**64)
     if seed is not None:
         msg.sampling.seed = seed
     return msg
@@ -113,6 +114,7 @@ def _completion(resp: pb.GenerateResponse) -> Completion:
         resp.request_id, list(resp.token_ids), resp.text, _FINISH.get(resp.finish_reason, "unspecified"),
         resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.served_by.replica_id,
         resp.timings.queue_ms, resp.timings.time_to_first_token_ms,
+        resp.seed if resp.HasField("seed") else None,
     )
 
 

@@ -152,10 +152,6 @@ def _sampling(msg: pb.GenerateRequest) -> SamplingParams:
     top_p = s.top_p if s.HasField("top_p") else 1.0
     if not 0 < top_p <= 1:  # also catches NaN
         raise RequestError("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    if s.HasField("seed"):
-        if s.seed >= 2**63:
-            raise RequestError("sampling.seed", f"must be below 2**63, got {s.seed}")
-        seed = s.seed
-    else:
-        seed = secrets.randbelow(2**63)
+    # any uint64; unset: the server picks one, and returns it so that a resume can send it back
+    seed = s.seed if s.HasField("seed") else secrets.randbelow(2**64)
     return SamplingParams(temperature, s.top_k, top_p, seed)

@@ -13,6 +13,14 @@ replica whose queue is full refuses at once (nothing started), and the next on
 the ring is tried; all full is RESOURCE_EXHAUSTED. A client that cancels,
 disconnects or runs past its deadline cancels this coroutine; the `finally`
 cancels the replica stream, and the head frees the slot on its next step.
+
+While no replica can take a request (every ring member lost at once, a standby
+or a rebuilt pipeline on its way) the request waits, up to
+`failover.takeover.wait_s`, trying again at every membership change: a stream
+pauses, it does not fail, and a raw gRPC client that does not retry sees a
+slower token, not UNAVAILABLE. The client's deadline or cancellation ends the
+wait sooner. `max_retries` counts replicas a request lost, not tries to open it
+on a ring with nobody to take it.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from coordinator.request import Job, Limits, parse_request
 from coordinator.routing import Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
-from failover.membership import Member
+from failover.membership import Member, Membership
 from failover.metrics import metrics
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
@@ -57,9 +65,11 @@ SERVICES = ("", "ringpipe.v1.Inference", "ringpipe.v1.Admin")  # names grpc.heal
 
 @dataclass(frozen=True)
 class Takeover:
-    max_retries: int = 3
+    max_retries: int = 3  # replicas one request may lose (a replica that took it, then failed)
     retry_interval_s: float = 0.1
     max_resume_tokens: int = 8192
+    wait_s: float = 30.0  # how long a request waits while no replica can take it
+    poll_s: float = 0.5  # while waiting: tries again this often, and at every membership change
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class CoordinatorSettings:
     controller: str = CONTROLLER_NAME
     namespace: str = NAMESPACE
     watch_timeout_s: float = 10.0
+    max_health_watches: int = 64  # Watch streams held open at once; each holds a call slot while it lasts
     takeover: Takeover = Takeover()
 
 
@@ -109,13 +120,20 @@ class Coordinator:
         self.controller = ray.get_actor(settings.controller, namespace=settings.namespace)
         self.router = Router(ray.get(self.controller.membership.remote()), settings.vnodes, settings.load_factor)
         self._watcher: asyncio.Task | None = None
+        self._changed = asyncio.Event()  # set, and replaced, at every membership change: what waiters wait on
+        self._health_watches = 0  # grpc.health.v1 Watch streams open now
 
     # -- membership
     def _watch_membership(self) -> None:
         if self._watcher is None or self._watcher.done():
-            follower = MembershipFollower(self.controller, self.router.apply, self.router.membership.epoch,
+            follower = MembershipFollower(self.controller, self._apply, self.router.membership.epoch,
                                           self.settings.watch_timeout_s)
             self._watcher = asyncio.get_running_loop().create_task(follower.run())
+
+    def _apply(self, membership: Membership) -> None:
+        self.router.apply(membership)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     # -- checks
     def _authorize(self, grpc_context) -> None:
@@ -141,7 +159,7 @@ class Coordinator:
         """
         received_at = time.monotonic()
         text = IncrementalText(self.tokenizer, job.stops)
-        text.push(job.received)  # the client has their text: continue after it
+        text.push(job.received)  # the client holds the text these settle: continue after it
         delivered = list(job.received)
         done = job.finished_already(self.limits.max_seq_len)
         if done:
@@ -150,54 +168,48 @@ class Coordinator:
         m = metrics()
         attempt, avoid, first_token_at, produced = 0, set(), None, 0
         while True:
+            member, stream, item, sent_at = await self._take(job, avoid, resuming=attempt > 0)
+            lost = None
+            fence = self.router.fence(member)
+            replica_done = False
+            self.router.count(member.replica_id, +1)
             try:
-                member, stream, item, sent_at = await self._open(job, avoid)
-            except (NoReplica, ClusterFull) as exc:
-                if attempt == 0:
+                while True:
+                    tokens, reason = item["tokens"], item["finish_reason"]
+                    timings = {}
+                    if first_token_at is None and tokens:
+                        first_token_at = time.monotonic()
+                        m.time_to_first_token_s.observe(first_token_at - received_at)
+                        timings = {
+                            "queue_ms": (sent_at - received_at + item.get("queued_s", 0.0)) * 1000,
+                            "time_to_first_token_ms": (first_token_at - received_at) * 1000,
+                        }
+                    replica_done = reason is not None
+                    delta = text.push(tokens)
+                    if text.stopped:
+                        reason = "stop"
+                    elif reason:
+                        delta += text.flush()
+                    yield Chunk(tokens, delta, len(delivered), member.replica_id, member.epoch, reason, timings)
+                    delivered.extend(tokens)
+                    produced += len(tokens)
+                    if reason:
+                        if produced > 1:
+                            m.time_per_output_token_s.observe((time.monotonic() - first_token_at) / (produced - 1))
+                        return
+                    item = await next_unfenced(stream, fence)
+            except (Fenced, *REPLICA_LOST) as exc:
+                lost = exc
+            except BaseException as exc:
+                if isinstance(cause_of(exc), REPLICA_LOST):
+                    lost = cause_of(exc)
+                else:
                     raise
-                lost = exc  # nothing could take the resume (yet): counts as a try
-            else:
-                lost = None
-                fence = self.router.fence(member)
-                replica_done = False
-                self.router.count(member.replica_id, +1)
-                try:
-                    while True:
-                        tokens, reason = item["tokens"], item["finish_reason"]
-                        timings = {}
-                        if first_token_at is None and tokens:
-                            first_token_at = time.monotonic()
-                            m.time_to_first_token_s.observe(first_token_at - received_at)
-                            timings = {
-                                "queue_ms": (sent_at - received_at + item.get("queued_s", 0.0)) * 1000,
-                                "time_to_first_token_ms": (first_token_at - received_at) * 1000,
-                            }
-                        replica_done = reason is not None
-                        delta = text.push(tokens)
-                        if text.stopped:
-                            reason = "stop"
-                        elif reason:
-                            delta += text.flush()
-                        yield Chunk(tokens, delta, len(delivered), member.replica_id, member.epoch, reason, timings)
-                        delivered.extend(tokens)
-                        produced += len(tokens)
-                        if reason:
-                            if produced > 1:
-                                m.time_per_output_token_s.observe((time.monotonic() - first_token_at) / (produced - 1))
-                            return
-                        item = await next_unfenced(stream, fence)
-                except (Fenced, *REPLICA_LOST) as exc:
-                    lost = exc
-                except BaseException as exc:
-                    if isinstance(cause_of(exc), REPLICA_LOST):
-                        lost = cause_of(exc)
-                    else:
-                        raise
-                finally:
-                    self.router.count(member.replica_id, -1)
-                    if not replica_done:  # lost, a stop string, the client gone: the head frees the slot
-                        ray.cancel(stream)
-                avoid.add(member.key)
+            finally:
+                self.router.count(member.replica_id, -1)
+                if not replica_done:  # lost, a stop string, the client gone: the head frees the slot
+                    ray.cancel(stream)
+            avoid.add(member.key)
             attempt += 1
             why = f"{type(lost).__name__}: {lost}"
             takeover = self.settings.takeover
@@ -218,6 +230,33 @@ class Coordinator:
             if job.finished_already(self.limits.max_seq_len):  # cannot happen unless the budget ran out
                 yield Chunk([], text.flush(), len(delivered), "", self.router.membership.epoch, "length")
                 return
+
+    async def _take(self, job: Job, avoid: set[tuple[str, int]], resuming: bool):
+        """`_open`, waiting up to `takeover.wait_s` while no replica can take the job.
+
+        It tries again at every membership change (a standby promoted, a pipeline rebuilt) and
+        every `poll_s`. A new request on a cluster whose queues are all full is refused at once
+        (RESOURCE_EXHAUSTED, back-pressure); a resumed one waits for a slot like the rest.
+        """
+        takeover = self.settings.takeover
+        until = time.monotonic() + takeover.wait_s
+        while True:
+            changed = self._changed
+            try:
+                return await self._open(job, avoid)
+            except ClusterFull:
+                if not resuming:
+                    raise
+                why = "every replica's queue is full"
+            except NoReplica as exc:
+                why = str(exc)
+            left = until - time.monotonic()
+            if left <= 0:
+                raise NoReplica(f"{why}; waited {takeover.wait_s:g}s for one (failover.takeover.wait_s)")
+            try:
+                await asyncio.wait_for(changed.wait(), min(left, takeover.poll_s))
+            except TimeoutError:
+                pass
 
     async def _open(self, job: Job, avoid: set[tuple[str, int]] | None = None):
         """Submit to the first replica on the ring that takes it, skipping the members in `avoid`.
@@ -262,6 +301,8 @@ class Coordinator:
             self._authorize(grpc_context)
             job = parse_request(request, self.limits, self.tokenizer)
             out = pb.GenerateResponse(request_id=job.request_id)
+            if job.sampling.temperature > 0:
+                out.seed = job.sampling.seed
             out.token_ids.extend(job.received)
             text = []
             async for chunk in self._run(job):
@@ -285,7 +326,7 @@ class Coordinator:
         try:
             self._authorize(grpc_context)
             job = parse_request(request, self.limits, self.tokenizer)
-            completion = len(job.received)
+            completion, first = len(job.received), True
             async for chunk in self._run(job):
                 completion += len(chunk.token_ids)
                 msg = pb.GenerateStreamResponse(
@@ -293,6 +334,9 @@ class Coordinator:
                     offset=chunk.offset,
                 )
                 _served(msg.served_by, chunk)
+                if first and job.sampling.temperature > 0:
+                    msg.seed = job.sampling.seed
+                first = False
                 if chunk.timings:
                     msg.timings.CopyFrom(pb.Timings(**chunk.timings))
                 if chunk.finish_reason:
@@ -341,6 +385,7 @@ class Coordinator:
                     r.state = admin_pb2.REPLICA_STATE_SERVING if member.accepting else admin_pb2.REPLICA_STATE_PAUSED
                     r.in_flight, r.queue_depth = st["running"], st["waiting"]
                     r.free_slots, r.cached_prefixes = st["free_slots"], st["cached_prefixes"]
+                    r.reused_tokens = st["reused_tokens"]
                 else:
                     r.state = admin_pb2.REPLICA_STATE_DEAD
                 for s in member.stages:
@@ -363,16 +408,31 @@ class Coordinator:
         return health_pb2.HealthCheckResponse(status=self._health())
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+        """The health status now, and again at each change, until the client goes.
+
+        Needs no token and never ends, and each open stream holds one of this replica's
+        `max_ongoing_requests` while it lasts: past `max_health_watches` open here, a Watch is
+        refused with RESOURCE_EXHAUSTED, so idle watchers can never take the slots generation
+        needs (`Check` answers at once and is never refused)."""
         if request.service not in SERVICES:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        last = None
-        while True:
-            status = self._health()
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(1.0)
+        if self._health_watches >= self.settings.max_health_watches:
+            full = ClusterFull(f"this coordinator holds {self._health_watches} health Watch streams, its most "
+                               "(server.max_health_watches); use Check, or retry later")
+            _fail(grpc_context, full)
+            raise full  # a stream that has sent nothing reaches the proxy only by raising
+        self._health_watches += 1
+        try:
+            last = None
+            while True:
+                status = self._health()
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(1.0)
+        finally:
+            self._health_watches -= 1
 
     def _health(self) -> int:
         self._watch_membership()
@@ -390,7 +450,8 @@ def _served(served_by: pb.ServedBy, chunk: Chunk) -> None:
 
 
 def _prefix_text(tokenizer, ids: tuple[int, ...]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=True) if ids else ""
+    """The text a client holds for the tokens it received: what a stream settled for them."""
+    return IncrementalText(tokenizer).push(ids) if ids else ""
 
 
 def _fail(grpc_context, exc: BaseException) -> None:

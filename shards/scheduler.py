@@ -121,8 +121,8 @@ class Scheduler:
             raise RequestError("top_p", f"must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
             raise RequestError("top_k", f"must be ≥ 0 (0 = off), got {p.top_k}")
-        if not 0 <= p.seed < 2**63:  # it travels in an int64 header field
-            raise RequestError("seed", f"must be in [0, 2**63), got {p.seed}")
+        if not 0 <= p.seed < 2**64:  # a uint64 (it travels as the int64 with the same bits)
+            raise RequestError("seed", f"must be in [0, 2**64), got {p.seed}")
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (from the step loop's thread: this reads the queues)."""

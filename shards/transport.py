@@ -48,6 +48,11 @@ def _i2f(x: int) -> float:
     return struct.unpack("<d", struct.pack("<q", x))[0]
 
 
+def _u2i(x: int) -> int:
+    """A uint64 (a seed) as the int64 with the same bits; `% 2**64` turns it back."""
+    return x - 2**64 if x >= 2**63 else x
+
+
 @dataclass(frozen=True)
 class RowMeta:
     """What every stage needs to know about one row of a micro-batch."""
@@ -76,7 +81,7 @@ class Header:
         values = [int(self.kind), self.mb_id, len(self.rows), self.seq_len]
         for r in self.rows:
             p = r.params
-            values += [r.slot, r.start, int(r.sample), p.seed, p.top_k, r.position, _f2i(p.temperature), _f2i(p.top_p)]
+            values += [r.slot, r.start, int(r.sample), _u2i(p.seed), p.top_k, r.position, _f2i(p.temperature), _f2i(p.top_p)]
         values += [0] * (Header.size(max_batch) - len(values))
         return torch.tensor(values, dtype=torch.int64)
 
@@ -87,7 +92,7 @@ class Header:
         rows = []
         for b in range(batch):
             slot, start, samp, seed, top_k, position, temp, top_p = v[_FIXED + _PER_ROW * b : _FIXED + _PER_ROW * (b + 1)]
-            params = SamplingParams(temperature=_i2f(temp), top_k=top_k, top_p=_i2f(top_p), seed=seed)
+            params = SamplingParams(temperature=_i2f(temp), top_k=top_k, top_p=_i2f(top_p), seed=seed % 2**64)
             rows.append(RowMeta(slot, start, bool(samp), position, params))
         return Header(Kind(kind), mb_id, seq_len, tuple(rows))
 

@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.client import AsyncClient, Client, RingpipeError
+from coordinator.service import Takeover
 from protos.ringpipe.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from protos.ringpipe.v1 import inference_pb2 as pb
 from tests.conftest import MAX_BATCH, MAX_QUEUE, REPLICAS, VOCAB
@@ -110,6 +111,70 @@ def test_seeded_sampling_and_resume_continue_exactly(client):
     assert list(unary.token_ids) == full  # the whole completion, resume tokens included
 
 
+def _stream(stub, prompt, n, resume=(), **sampling):
+    req = pb.GenerateRequest(max_new_tokens=n, ignore_eos=True)
+    req.token_ids.ids.extend(prompt)
+    for name, value in sampling.items():
+        setattr(req.sampling, name, value)
+    req.resume.received_token_ids.extend(resume)
+    return list(stub.GenerateStream(req))
+
+
+def test_the_server_returns_the_seed_it_picked_and_a_resume_with_it_continues_exactly(stubs):
+    inference, _, _ = stubs
+    msgs = _stream(inference, [44, 8, 250], 16, temperature=0.9)  # no seed: the server picks one
+    assert msgs[0].HasField("seed") and not any(m.HasField("seed") for m in msgs[1:])
+    seed, full = msgs[0].seed, [t for m in msgs for t in m.token_ids]
+    # a raw client whose stream broke after 6 tokens resumes with the seed it was given
+    rest = _stream(inference, [44, 8, 250], 16, resume=full[:6], temperature=0.9, seed=seed)
+    assert [t for m in rest for t in m.token_ids] == full[6:]
+    unary = pb.GenerateRequest(max_new_tokens=16, ignore_eos=True)
+    unary.token_ids.ids.extend([44, 8, 250])
+    unary.sampling.temperature = 0.9
+    picked = inference.Generate(unary)
+    assert picked.HasField("seed")
+    unary.sampling.seed = picked.seed
+    assert list(inference.Generate(unary).token_ids) == list(picked.token_ids)
+    assert not _stream(inference, [44, 8, 250], 4)[0].HasField("seed")  # greedy needs none
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 1])
+def test_seeds_in_the_upper_half_of_uint64_are_served_and_resume_exactly(stubs, seed):
+    inference, _, _ = stubs
+    full = [t for m in _stream(inference, [5, 17, 99], 16, temperature=1.0, seed=seed) for t in m.token_ids]
+    assert len(full) == 16
+    assert [t for m in _stream(inference, [5, 17, 99], 16, temperature=1.0, seed=seed) for t in m.token_ids] == full
+    rest = _stream(inference, [5, 17, 99], 16, resume=full[:9], temperature=1.0, seed=seed)
+    assert [t for m in rest for t in m.token_ids] == full[9:]
+    other = [t for m in _stream(inference, [5, 17, 99], 16, temperature=1.0, seed=seed - 2**63 + 1)
+             for t in m.token_ids]
+    assert other != full  # the seed's high bit is not lost on the way to the sampler
+
+
+def test_a_resume_mid_character_repeats_no_text(stubs, service_checkpoint):
+    """Cut a stream where its text holds back part of a character (the random model emits bytes
+    that a byte-level tokenizer splits across tokens): the resumed stream's text continues after
+    exactly what the client holds. Expected text: the tokenizer's decode of the whole completion."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(service_checkpoint / "tokenizer.json"))
+    inference, _, _ = stubs
+    kwargs = dict(temperature=1.0, seed=7)
+    msgs = _stream(inference, [310, 9, 9], 48, **kwargs)
+    full = [t for m in msgs for t in m.token_ids]
+    assert "".join(m.text_delta for m in msgs) == tok.decode(full)
+    held, cuts = "", []  # message boundaries where the client's text lacks part of its tokens' text
+    for i, m in enumerate(msgs[:-1]):
+        held += m.text_delta
+        received = [t for x in msgs[: i + 1] for t in x.token_ids]
+        if held != tok.decode(received):
+            cuts.append((received, held))
+    assert cuts, "no message ended mid-character: choose another seed"
+    for received, held in cuts[:3]:
+        rest = _stream(inference, [310, 9, 9], 48, resume=received, **kwargs)
+        assert held + "".join(m.text_delta for m in rest) == tok.decode(full)
+
+
 def test_sessions_stick_to_one_replica_across_coordinators(client):
     # Serve spreads calls over the 2 coordinator replicas; they must all route a session the same way
     for session in ("alice", "bob", "carol"):
@@ -188,7 +253,6 @@ BAD = [
     ("sampling.temperature", lambda r: setattr(r.sampling, "temperature", -0.5)),
     ("sampling.top_p", lambda r: setattr(r.sampling, "top_p", 1.5)),
     ("sampling.top_p", lambda r: setattr(r.sampling, "top_p", 0.0)),
-    ("sampling.seed", lambda r: setattr(r.sampling, "seed", 2**63)),
     ("stop_token_ids", lambda r: r.stop_token_ids.append(VOCAB + 5)),
     ("stop", lambda r: r.stop.append("")),
     ("resume.received_token_ids", lambda r: r.resume.received_token_ids.extend([1] * 9)),
@@ -223,6 +287,76 @@ def test_bad_input_never_disturbs_a_running_stream(client, stubs, service_checkp
     assert got == expected
 
 
+def test_idle_health_watches_never_starve_generation(service, stubs, service_checkpoint):
+    """A client opens 3,000 grpc.health.v1 Watch streams and leaves them idle (more than the two
+    coordinators' 2 × 1,024 call slots), while another opens Watch streams and abandons them in a
+    loop. Each coordinator holds at most `server.max_health_watches` of them; every other Watch
+    ends at once (RESOURCE_EXHAUSTED from the coordinator; Serve's proxy reports part of such a
+    burst of refusals as CANCELLED), none hangs, and Generate answers meanwhile with transformers'
+    tokens. Once they are closed, Watch works again."""
+    import asyncio
+    import threading
+    from collections import Counter
+
+    from grpc import aio
+
+    outcomes: Counter = Counter()  # "SERVING", or the status code of a Watch that ended
+    stop = threading.Event()
+
+    async def watch(stub, hold: asyncio.Event) -> None:
+        call = stub.Watch(health_pb2.HealthCheckRequest())
+        try:
+            first = await call.read()
+            outcomes[health_pb2.HealthCheckResponse.ServingStatus.Name(first.status)] += 1
+            await hold.wait()
+        except aio.AioRpcError as exc:
+            outcomes[exc.code().name] += 1
+        finally:
+            call.cancel()
+
+    async def churn(stub) -> None:
+        while not stop.is_set():
+            call = stub.Watch(health_pb2.HealthCheckRequest())
+            try:
+                await asyncio.wait_for(call.read(), 10)
+            except (aio.AioRpcError, TimeoutError):
+                pass
+            call.cancel()
+
+    async def main() -> None:
+        channels = [aio.insecure_channel(service.target) for _ in range(12)]
+        watchers = [health_pb2_grpc.HealthStub(c) for c in channels]
+        hold = asyncio.Event()
+        idle = [asyncio.create_task(watch(watchers[i % 10], hold)) for i in range(3000)]
+        churners = [asyncio.create_task(churn(watchers[10 + i])) for i in range(2)]
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        hold.set()
+        await asyncio.gather(*idle, *churners)
+        for c in channels:
+            await c.close()
+
+    runner = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: sum(outcomes.values()) == 3000, 120, "every Watch to stream or end")
+        cap = 2 * service.cfg.server.max_health_watches
+        assert 0 < outcomes["SERVING"] <= cap, outcomes
+        assert set(outcomes) <= {"SERVING", "RESOURCE_EXHAUSTED", "CANCELLED"}, outcomes
+        assert outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes
+        prompt = PROMPTS[3]
+        req = pb.GenerateRequest(max_new_tokens=8, ignore_eos=True)
+        req.token_ids.ids.extend(prompt)
+        for _ in range(3):  # generation goes on with the Watches open and the churn running
+            assert list(stubs[0].Generate(req, timeout=60).token_ids) == hf_greedy(service_checkpoint, prompt, 8)
+    finally:
+        stop.set()
+        runner.join(60)
+    call = health_pb2_grpc.HealthStub(stubs[2]).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+    call.cancel()
+
+
 def test_cluster_status_health_and_reflection(client, stubs):
     status = client.status()
     assert status.epoch >= REPLICAS
@@ -249,15 +383,20 @@ def test_cluster_status_health_and_reflection(client, stubs):
 
 
 def test_prefix_reuse_gives_identical_multi_turn_output(client, service_checkpoint):
+    def reused(replica_id: str) -> int:
+        return next(r for r in client.status().replicas if r.replica_id == replica_id).reused_tokens
+
     turn1 = (12, 34, 56, 78, 90, 123)
     out1 = client.generate(list(turn1), 8, session_id="chat-1", ignore_eos=True)
+    before = reused(out1.replica_id)
     turn2 = turn1 + tuple(out1.token_ids) + (200, 201)
     out2 = client.generate(list(turn2), 8, session_id="chat-1", ignore_eos=True)
     assert out1.token_ids == hf_greedy(service_checkpoint, turn1, 8)
     assert out2.token_ids == hf_greedy(service_checkpoint, turn2, 8)
     assert out2.replica_id == out1.replica_id
-    served = next(r for r in client.status().replicas if r.replica_id == out1.replica_id)
-    assert served.cached_prefixes >= 1
+    # turn 1 fed the model its prompt and every sampled token but the last (whose KV nobody needed):
+    # turn 2 starts with all of those, so that many of its prompt tokens are not prefilled again
+    assert reused(out1.replica_id) - before == len(turn1) + len(out1.token_ids) - 1
 
 
 def test_async_client(service, service_checkpoint):
@@ -314,13 +453,16 @@ def test_no_live_replica_is_unavailable(service, stubs, ray_cluster):
     empty = Controller.options(name="empty-controller", namespace=NAMESPACE).remote(
         service.cfg.replica_spec(), ControllerSettings(replicas=1), "empty-controller"
     )
-    app = _deploy(service, "empty", controller="empty-controller")
+    # a request waits `takeover.wait_s` for a replica to appear (a rebuild on its way), then gives up
+    takeover = dataclasses.replace(Takeover(), wait_s=1.0)
+    app = _deploy(service, "empty", controller="empty-controller", takeover=takeover)
     try:
         req = pb.GenerateRequest(max_new_tokens=3)
         req.token_ids.ids.extend([5, 6, 7])
         with pytest.raises(grpc.RpcError) as err:
             stubs[0].Generate(req, metadata=app)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no live pipeline replica" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no live pipeline replica" in err.value.details() and "failover.takeover.wait_s" in err.value.details()
         health = health_pb2_grpc.HealthStub(stubs[2])
         status = health.Check(health_pb2.HealthCheckRequest(), metadata=app).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING

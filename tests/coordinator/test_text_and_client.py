@@ -29,6 +29,48 @@ def test_deltas_join_to_the_whole_decode(tokenizer, text, cut):
     assert not any("\ufffd" in p for p in parts) or "\ufffd" in text
 
 
+# characters of 1 to 4 UTF-8 bytes: a byte-level tokenizer splits the longer ones across tokens
+SPLIT_CHARS = st.text(alphabet=st.sampled_from(list("ab cd.é€中文字😀🎉")), min_size=1, max_size=40)
+
+
+def _chunks(ids: list[int], sizes: list[int]) -> list[list[int]]:
+    out, i = [], 0
+    for k in sizes:
+        if i >= len(ids):
+            break
+        out.append(ids[i : i + k])
+        i += k
+    return [*out, ids[i:]] if i < len(ids) else out
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=SPLIT_CHARS, sizes=st.lists(st.integers(1, 4), max_size=60), data=st.data())
+def test_a_resume_continues_after_exactly_the_text_the_client_holds(tokenizer, text, sizes, data):
+    """A stream delivers tokens in chunks and breaks after `cut` tokens; the client holds the text
+    deltas it got. The resumed stream (as the service runs it: the received tokens pushed and their
+    delta dropped) delivers the rest. Together: the whole decode, nothing repeated or lost."""
+    ids = tokenizer.encode(text).ids
+    cut = data.draw(st.integers(0, len(ids)), label="cut")
+    first = IncrementalText(tokenizer)
+    held = "".join(first.push(c) for c in _chunks(ids[:cut], sizes))
+    resumed = IncrementalText(tokenizer)
+    resumed.push(ids[:cut])
+    rest = "".join(resumed.push(c) for c in _chunks(ids[cut:], sizes[::-1])) + resumed.flush()
+    assert held + rest == tokenizer.decode(ids)
+
+
+def test_a_client_holding_ab_of_ab_euro_cd_gets_euro_cd(tokenizer):
+    ids = tokenizer.encode("ab€cd").ids
+    # the cut: inside the euro sign (its three bytes span more than one token here)
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    first = IncrementalText(tokenizer)
+    held = first.push(ids[: cut - 1]) + first.push(ids[cut - 1 : cut])  # the last chunk ends mid-character
+    assert held == "ab"
+    resumed = IncrementalText(tokenizer)
+    resumed.push(ids[:cut])
+    assert resumed.push(ids[cut:]) + resumed.flush() == "€cd"
+
+
 def test_stop_string_cuts_text_after_its_first_match(tokenizer):
     ids = tokenizer.encode("return the list of values").ids
     inc = IncrementalText(tokenizer, stops=["list", "of"])

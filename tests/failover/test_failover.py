@@ -16,13 +16,15 @@ import threading
 import time
 from collections import Counter
 
+import grpc
 import pytest
 import ray
 
 from cluster import chaos
 from coordinator.client import Client
 from failover.heartbeat import HeartbeatSettings
-from protos.ringpipe.v1 import admin_pb2
+from protos.ringpipe.v1 import admin_pb2, inference_pb2_grpc
+from protos.ringpipe.v1 import inference_pb2 as pb
 from tests.conftest import REPLICAS, STANDBY
 from tests.reference import hf_greedy, wait_for
 
@@ -187,6 +189,68 @@ def test_killed_stage_actor_mid_stream(service, controller, client, expected, st
     assert membership.epoch > epoch and victim.pipeline not in {m.pipeline for m in membership.members}
     status = client.status()
     assert any(f.replica_id == victim.replica_id and f.action == "standby promoted" for f in status.failovers)
+    wait_converged(controller, client)
+
+
+class RawStreams:
+    """Streams on a plain gRPC stub, as grpcurl or a Go client would open them: no retry, no resume."""
+
+    def __init__(self, target: str, requests: list[dict]) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.messages: list[list] = [[] for _ in requests]
+        self.errors: list[BaseException | None] = [None] * len(requests)
+        self.threads = [threading.Thread(target=self._run, args=(i, r), daemon=True) for i, r in enumerate(requests)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int, r: dict) -> None:
+        req = pb.GenerateRequest(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        req.token_ids.ids.extend(r["prompt"])
+        for name, value in r["options"].items():
+            setattr(req.sampling, name, value)
+        try:
+            for msg in self.stub.GenerateStream(req, timeout=240):
+                self.messages[i].append(msg)
+        except BaseException as exc:  # noqa: BLE001 — asserted by the test
+            self.errors[i] = exc
+
+    def tokens(self, i: int) -> list[int]:
+        return [t for m in self.messages[i] for t in m.token_ids]
+
+    def running(self, n: int = 6) -> bool:
+        return sum(n <= len(self.tokens(i)) < NEW_TOKENS // 2 for i in range(len(self.messages))) >= len(self.messages) // 2
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(300)
+        self.channel.close()
+        assert not any(t.is_alive() for t in self.threads), "a stream did not finish"
+        assert self.errors == [None] * len(self.messages), [str(e) for e in self.errors]
+
+
+def test_raw_streams_wait_out_the_loss_of_every_pipeline(service, controller, client, expected):
+    """Every pipeline (both ring members and the standby) loses its head at once under streams on
+    plain stubs, greedy and seeded. Nothing can take them until a pipeline is rebuilt: each stream
+    pauses, then completes with exactly the failure-free tokens, offsets contiguous."""
+    from failover.controller import NAMESPACE
+
+    wait_converged(controller, client)
+    streams = RawStreams(service.target, requests())
+    wait_for(streams.running, 60, "streams to be under way")
+    pipelines = ray.get(controller.pipeline_nodes.remote())
+    assert len(pipelines) == REPLICAS + STANDBY
+    heads = [ray.get_actor(f"{pipeline}.stage-0.tp0", namespace=NAMESPACE) for pipeline in pipelines]
+    for head in heads:  # a crash of each, back to back
+        ray.kill(head, no_restart=True)
+    streams.join()
+    for i, want in enumerate(expected):
+        msgs = streams.messages[i]
+        lengths = [len(m.token_ids) for m in msgs]
+        assert [m.offset for m in msgs] == [sum(lengths[:k]) for k in range(len(msgs))], f"stream {i}: offsets"
+        assert streams.tokens(i) == want, f"stream {i} differs from the failure-free run"
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert not set(pipelines) & set(ray.get(controller.pipeline_nodes.remote()))  # every one was lost
     wait_converged(controller, client)
 
 

@@ -131,7 +131,7 @@ def test_cancel_frees_slot_and_drops_late_tokens():
         (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_p=0.0)), "top_p"),
         (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_p=1.5)), "top_p"),
         (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, top_k=-1)), "top_k"),
-        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, seed=2**64 - 1)), "seed"),
+        (GenerationRequest("x", (1,), 4, SamplingParams(temperature=1.0, seed=2**64)), "seed"),  # past uint64
     ],
 )
 def test_bad_requests_name_the_field(req, field):
