@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -69,10 +70,28 @@ def resume_stage(target: StageProcess) -> None:
         pass  # killed while paused: the controller shut it down after the takeover
 
 
-def slow_stage(target: StageProcess, delay_s: float, duration_s: float) -> None:
-    """A slow host: the stage answers heartbeats `delay_s` late for `duration_s`."""
-    actor = ray.get_actor(target.actor_name, namespace=NAMESPACE)
-    ray.get(actor.slow_heartbeats.remote(delay_s, duration_s))
+def throttle_stage(target: StageProcess, run_s: float, stop_s: float, duration_s: float) -> threading.Thread:
+    """A throttled host, as a cgroup CPU quota throttles one: for `duration_s` the stage's process
+    runs `run_s` of every `run_s + stop_s` (SIGSTOP, SIGCONT), so its steps and its answers to pings
+    are late, and nothing else on the machine is. On this machine's processes (a local cluster);
+    returns the thread doing it (it ends with the process running)."""
+
+    def throttle() -> None:
+        until = time.monotonic() + duration_s
+        try:
+            while time.monotonic() < until:
+                os.kill(target.pid, signal.SIGSTOP)
+                time.sleep(stop_s)
+                os.kill(target.pid, signal.SIGCONT)
+                time.sleep(run_s)
+        except ProcessLookupError:
+            pass
+        finally:
+            resume_stage(target)
+
+    thread = threading.Thread(target=throttle, name=f"throttle-{target.pid}", daemon=True)
+    thread.start()
+    return thread
 
 
 def kill_node(cluster, node_id: str) -> None:

@@ -27,7 +27,6 @@ from shards.stage import Stage
 class StageActor:
     def __init__(self, spec: ReplicaSpec, plan: StagePlan, args: ModelArgs, replica: str, tp_rank: int = 0) -> None:
         self.stage = Stage(spec, plan, args, replica, tp_rank)
-        self._slow_s, self._slow_until = 0.0, 0.0
         self._cpu = NodeCpu(os.getppid())  # a worker's parent is its node's raylet
         self._cpu_at, self._cpu_value = 0.0, None
         self._beats: BeatResponder | None = None
@@ -52,8 +51,6 @@ class StageActor:
     async def ping(self) -> dict:
         """Liveness and load: the stage's state, its node's CPU utilisation, and on the head its
         queue and its view of the pipeline (see `Stage.pipeline_view`)."""
-        if self._slow_until > time.monotonic():
-            await asyncio.sleep(self._slow_s)
         answer = self.stage.ping()
         if time.monotonic() - self._cpu_at >= 1.0:  # a window long enough to mean something
             self._cpu_at, self._cpu_value = time.monotonic(), self._cpu.sample()
@@ -70,11 +67,6 @@ class StageActor:
 
     async def _beat_answer(self, pipeline: str, index: int) -> dict | None:
         return await self.ping() if pipeline == self.stage.replica else None
-
-    async def slow_heartbeats(self, delay_s: float, duration_s: float) -> None:
-        """Fault injection (chaos tooling, tests): answer pings `delay_s` late for `duration_s`,
-        as an overloaded or throttled host would; generation itself goes on."""
-        self._slow_s, self._slow_until = delay_s, time.monotonic() + duration_s
 
     async def vigil(self, stall_after_s: float | None = None, poll_s: float = 0.05) -> dict:
         """Returns when the stage stops serving (its pipeline broke, or it shut down), or, on the

@@ -303,25 +303,28 @@ def test_paused_stage_is_declared_dead_and_fenced(service, controller, client, e
 
 
 def test_slow_stage_is_paused_from_new_work_not_killed(service, controller, client, expected):
-    # the head's heartbeats are what the monitor times (a later stage's slowness reaches it as the
-    # head's step latency): > 200 ms and slower than the peer, 5 times in a row within ~4 s
+    # the head's process throttled (20 ms run, 500 ms stopped): its steps (the round trip of its
+    # micro-batches) and its ping answers take ~0.5 s: > 200 ms and slower than the peer, 5 times in
+    # a row, and never silent for the 3 s timeout
     streams, victim, before = under_load(service, controller, client, 0)
-    chaos.slow_stage(victim, delay_s=0.3, duration_s=4.0)
+    throttle = chaos.throttle_stage(victim, run_s=0.02, stop_s=0.5, duration_s=6.0)
 
     def paused() -> bool:
         member = ray.get(controller.membership.remote()).get(victim.replica_id)
         return member is not None and not member.accepting
 
-    wait_for(paused, 30, "the slow replica to be paused")
-
     def coordinators_know() -> bool:  # status calls are spread over both coordinators
         states = [{r.replica_id: r.state for r in client.status().replicas} for _ in range(4)]
         return all(s[victim.replica_id] == admin_pb2.REPLICA_STATE_PAUSED for s in states)
 
-    wait_for(coordinators_know, 10, "the coordinators to show the replica paused")
-    for k in range(6):  # new work goes elsewhere while it is paused
-        done = client.generate([k + 1, k + 2], 2, session_id=f"slow-{k}")
-        assert done.replica_id != victim.replica_id
+    try:
+        wait_for(paused, 30, "the slow replica to be paused")
+        wait_for(coordinators_know, 10, "the coordinators to show the replica paused")
+        for k in range(6):  # new work goes elsewhere while it is paused
+            done = client.generate([k + 1, k + 2], 2, session_id=f"slow-{k}")
+            assert done.replica_id != victim.replica_id
+    finally:
+        throttle.join(30)
     check_streams(streams, expected)  # its in-flight work went on
     assert new_failovers(controller, before) == []
     member = ray.get(controller.membership.remote()).get(victim.replica_id)
