@@ -79,6 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "free_slots": r.free_slots, "total_slots": r.total_slots, "cached_prefixes": r.cached_prefixes,
             "reused_tokens": r.reused_tokens,
             "weight": round(r.weight, 3), "weight_reason": r.weight_reason,
+            "shares_nodes_with": list(r.shares_nodes_with),
             "stages": [
                 {"index": s.index, "node_id": s.node_id, "address": s.address, "layers": [s.layer_start, s.layer_end]}
                 for s in r.stages
@@ -112,6 +113,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  weight {r['weight']:.2f}{' (' + r['weight_reason'] + ')' if r['weight_reason'] else ''}"
             f"  [{nodes}]"
         )
+        if r["shares_nodes_with"]:
+            print(f"  {'':<12} shares a node with {', '.join(r['shares_nodes_with'])}: one node failure takes both"
+                  " (the cluster has too few free nodes to keep replicas apart)")
     if failovers:
         print(f"recent failovers ({len(failovers)}):")
     for f in failovers[-10:]:

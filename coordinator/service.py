@@ -388,6 +388,9 @@ class Coordinator:
                     r.reused_tokens = st["reused_tokens"]
                 else:
                     r.state = admin_pb2.REPLICA_STATE_DEAD
+                nodes = {s.node_id for s in member.stages}
+                r.shares_nodes_with.extend(o.replica_id for o in membership.members
+                                           if o is not member and nodes & {s.node_id for s in o.stages})
                 for s in member.stages:
                     r.stages.add(
                         index=s.index, node_id=s.node_id, address=s.address,

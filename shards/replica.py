@@ -9,6 +9,7 @@ their loops. `stream()` yields a request's tokens as they are sampled;
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from shards.sampling import SamplingParams
 from shards.scheduler import GenerationRequest
 from shards.spec import ReplicaSpec
 from shards.tp import check_divisible
+
+log = logging.getLogger("ringpipe.replica")
 
 _counter = itertools.count()
 
@@ -107,26 +110,36 @@ class Replica:
         replica._pg = ray.util.get_placement_group(replica.pg_name)
         return replica
 
-    def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(), avoid_wait_s: float = 3.0) -> list[str]:
+    def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(), avoid_wait_s: float = 3.0,
+              hard_wait_s: float = 60.0) -> list[str]:
         """Reserve the stages' resources (the placement group); returns the node id of each bundle.
 
-        `avoid`: nodes to keep off (other replicas' nodes, so one node's failure takes fewer of
-        them), asked of Ray through each bundle's label selector on `ray.io/node-id`. Soft: when
-        that cannot be placed within `avoid_wait_s`, the group is placed anywhere."""
+        `avoid`: nodes to keep off (other replicas' nodes, so that one node's failure takes one
+        replica, not several), asked of Ray through each bundle's label selector on
+        `ray.io/node-id`. Hard where it fits: when the live nodes outside `avoid` have the
+        resources for every bundle (`fits_off`), the group waits up to `hard_wait_s` for them
+        (what a retiring replica holds takes seconds to come back). Soft where it does not: it tries them
+        for `avoid_wait_s`. Either way it is then placed anywhere rather than not at all, and
+        `ringpipe status` says which replicas share a node."""
         spec = self.spec
         # one bundle (one process) per tensor-parallel rank of every stage: rank = stage * tp + t
         bundle = {"CPU": spec.cpus_per_stage, **({"GPU": 1} if spec.device == "cuda" else {})}
         bundles = [dict(bundle) for _ in range(len(self.plans) * spec.tensor_parallel)]
         lifetime = {"lifetime": "detached"} if self.detached else {}
         if avoid:
+            hard = fits_off(avoid, bundles, distinct=spec.placement_strategy == "STRICT_SPREAD")
             selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid))})"} for _ in bundles]
             self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name,
                                        bundle_label_selector=selector, **lifetime)
+            wait_s = min(timeout_s, hard_wait_s) if hard else avoid_wait_s
             try:
-                ray.get(self._pg.ready(), timeout=avoid_wait_s)
+                ray.get(self._pg.ready(), timeout=wait_s)
                 return self._bundle_nodes()
             except ray.exceptions.GetTimeoutError:
                 remove_placement_group(self._pg)
+                if hard:
+                    log.warning("%s: not placed off the other replicas' nodes within %.0fs though they had room; "
+                                "placing it anywhere", self.name, wait_s)
         self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name, **lifetime)
         try:
             ray.get(self._pg.ready(), timeout=timeout_s)
@@ -262,3 +275,21 @@ def answers(refs: list, timeout_s: float) -> list:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             out.append(None)
     return out
+
+
+def fits_off(avoid: frozenset[str], bundles: list[dict[str, float]], distinct: bool = False) -> bool:
+    """Whether the live nodes outside `avoid` are big enough for every bundle (first fit over each
+    node's total resources; `distinct`: one bundle a node at most, as STRICT_SPREAD places them).
+
+    Totals, not what is free this moment: resources a retiring replica still holds come back within
+    seconds, and the cluster having room is what decides between keeping replicas apart and not."""
+    room = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"] and n["NodeID"] not in avoid]
+    for b in bundles:
+        node = next((res for res in room if all(res.get(k, 0.0) >= v for k, v in b.items())), None)
+        if node is None:
+            return False
+        for k, v in b.items():
+            node[k] -= v
+        if distinct:
+            room.remove(node)
+    return True

@@ -229,6 +229,29 @@ class RawStreams:
         assert self.errors == [None] * len(self.messages), [str(e) for e in self.errors]
 
 
+def node_sets(controller) -> dict[str, set[str]]:
+    """Each live pipeline's nodes, from its stage actors' own answers."""
+    return {p: {n["node_id"] for n in ns} for p, ns in ray.get(controller.pipeline_nodes.remote()).items()}
+
+
+def test_status_says_which_replicas_share_a_node(service, controller, client):
+    """Three pipelines of two stages on three worker nodes cannot all be kept apart
+    (`tests/shards/test_placement.py` has the cases where they can): after a ring member crashes and
+    is rebuilt, `ringpipe status` names, for each ring member, the members it shares a node with
+    (none, or the other), as the stage actors' own nodes say."""
+    wait_converged(controller, client)
+    victim = chaos.stage_process(controller, "replica-0", 0)
+    chaos.kill_stage(victim)
+    wait_for(lambda: converged(controller) and victim.pipeline not in node_sets(controller)
+             and len(node_sets(controller)) == REPLICAS + STANDBY, 180, "the rebuild")
+    nodes = node_sets(controller)
+    membership = ray.get(controller.membership.remote())
+    members = {m.replica_id: nodes[m.pipeline] for m in membership.members}
+    want = {r: sorted(o for o in members if o != r and members[o] & mine) for r, mine in members.items()}
+    got = {r.replica_id: sorted(r.shares_nodes_with) for r in client.status().replicas}
+    assert got == want
+
+
 def test_raw_streams_wait_out_the_loss_of_every_pipeline(service, controller, client, expected):
     """Every pipeline (both ring members and the standby) loses its head at once under streams on
     plain stubs, greedy and seeded. Nothing can take them until a pipeline is rebuilt: each stream

@@ -69,7 +69,7 @@ class Failover(_message.Message):
     def __init__(self, at_unix_s: _Optional[float] = ..., replica_id: _Optional[str] = ..., stage: _Optional[int] = ..., reason: _Optional[str] = ..., silent_s: _Optional[float] = ..., action: _Optional[str] = ..., restored_at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes", "weight", "weight_reason", "reused_tokens")
+    __slots__ = ("replica_id", "state", "epoch", "stages", "ring_share", "in_flight", "queue_depth", "free_slots", "total_slots", "cached_prefixes", "weight", "weight_reason", "reused_tokens", "shares_nodes_with")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class ReplicaStatus(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_REASON_FIELD_NUMBER: _ClassVar[int]
     REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_NODES_WITH_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     state: ReplicaState
     epoch: int
@@ -96,7 +97,8 @@ class ReplicaStatus(_message.Message):
     weight: float
     weight_reason: str
     reused_tokens: int
-    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., cached_prefixes: _Optional[int] = ..., weight: _Optional[float] = ..., weight_reason: _Optional[str] = ..., reused_tokens: _Optional[int] = ...) -> None: ...
+    shares_nodes_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replica_id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., epoch: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., ring_share: _Optional[float] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., cached_prefixes: _Optional[int] = ..., weight: _Optional[float] = ..., weight_reason: _Optional[str] = ..., reused_tokens: _Optional[int] = ..., shares_nodes_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("index", "node_id", "address", "layer_start", "layer_end")
