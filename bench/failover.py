@@ -3,9 +3,10 @@
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/failover.py               # ~30 min on 2 cores
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 .venv/bin/python bench/failover.py --kills 2     # smoke run
 
-On a local multi-node cluster (a head and 3 worker nodes, real raylets on 127.0.0.1) serving a
+On a local multi-node cluster (a head and worker nodes, real raylets on 127.0.0.1) serving a
 small random Llama (2 replicas x 2 stages, default heartbeats), once with `replicas.standby: 1`
-and once with none. Each kill happens while 4 greedy streams of 400 tokens run, and each of:
+and once with none. `--nodes`: worker nodes (default: 2 per pipeline, ring members and standby,
+so that each pipeline has nodes of its own; 3 was the setting before placement kept them apart). Each kill happens while 4 greedy streams of 400 tokens run, and each of:
 
 - crash: a stage actor is killed (stage 0 and 1 in turn);
 - hang: a stage process is paused with SIGSTOP (resumed after its takeover);
@@ -209,7 +210,8 @@ def serve_health_check(trials: int) -> list[dict]:
     return out
 
 
-def run_mode(checkpoint: str, standby: int, kills: int, kinds: list[str], serve_trials: int) -> tuple[list, list]:
+def run_mode(checkpoint: str, standby: int, kills: int, kinds: list[str], serve_trials: int,
+             nodes: int | None = None) -> tuple[list, list]:
     import ray
 
     from cluster.config import parse_config
@@ -223,7 +225,7 @@ def run_mode(checkpoint: str, standby: int, kills: int, kinds: list[str], serve_
         "replicas": {"count": 2, "standby": standby},
         "server": {"port": 24731, "http_port": 24732, "coordinators": 2},
     })
-    svc = start_service(cfg, progress=False, nodes=3)
+    svc = start_service(cfg, progress=False, nodes=nodes or 2 * (2 + standby))
     try:
         controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
         with Client(svc.target) as client:
@@ -323,6 +325,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="crash,hang,node")
     parser.add_argument("--standby", default="1,0", help="standby settings to run, in order")
     parser.add_argument("--serve-trials", type=int, default=5, help="Serve health-check trials (each kind)")
+    parser.add_argument("--nodes", type=int, help="worker nodes (default: 2 per pipeline, standby included)")
     parser.add_argument("--no-wait", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "failover")
     parser.add_argument("--report-only", type=Path, help="rewrite the .md from this results .json; run nothing")
@@ -344,7 +347,8 @@ def main() -> None:
     create_random_checkpoint(checkpoint, RandomModelSpec(arch="llama", vocab=512, layers=4, hidden=64), None, True)
     rows, probes = [], []
     for i, standby in enumerate(int(s) for s in args.standby.split(",")):
-        r, p = run_mode(str(checkpoint), standby, args.kills, args.kinds.split(","), args.serve_trials if i == 0 else 0)
+        r, p = run_mode(str(checkpoint), standby, args.kills, args.kinds.split(","),
+                        args.serve_trials if i == 0 else 0, args.nodes)
         rows += r
         probes += p
     meta = describe(["failover", "coordinator", "shards", "cluster", "bench/failover.py"], ray=ray.__version__)
