@@ -420,7 +420,8 @@ def test_heads_are_pinged_by_datagram_once_they_answer_one(service, controller, 
     by_ray = after["ray_calls"] - before["ray_calls"]
     interval = HeartbeatSettings().interval_s
     assert answered >= heads * seconds / interval / 2, (before, after)  # each head, most intervals
-    assert after["datagrams"] - before["datagrams"] >= answered
+    # (an answer counted in the window may be to a datagram sent just before it: one per head)
+    assert after["datagrams"] - before["datagrams"] >= answered - heads
     assert by_ray < answered / 2, (before, after)
 
 
