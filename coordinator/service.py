@@ -169,7 +169,6 @@ class Coordinator:
         attempt, avoid, first_token_at, produced = 0, set(), None, 0
         while True:
             member, stream, item, sent_at = await self._take(job, avoid, resuming=attempt > 0)
-            lost = None
             fence = self.router.fence(member)
             replica_done = False
             self.router.count(member.replica_id, +1)
