@@ -67,6 +67,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64) (a uint64), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringpipe",
@@ -196,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=None, help="0 or unset = greedy")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--top-p", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--seed", type=_seed, default=None,
+                          help="sampling seed, any uint64 (default: one picked for you, kept across resumes)")
     generate.add_argument("--stop", action="append", help="stop string (repeatable)")
     generate.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     client_flags(generate)

@@ -91,3 +91,9 @@ def test_commands_given_no_ray_cluster_say_so_in_one_line(tmp_path):
         done = ringpipe(*args, "--address", address, timeout=120)
         assert done.returncode != 0 and f"no Ray cluster at {address}" in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", "2x", str(2**64)])
+def test_generate_refuses_a_seed_outside_uint64_in_one_line(seed):
+    out = ringpipe("generate", "hi", "--temperature", "0.5", "--seed", seed, "--target", "127.0.0.1:1", timeout=60)
+    assert out.returncode == 2 and "--seed" in out.stderr and "Traceback" not in out.stderr
