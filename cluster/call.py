@@ -53,6 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "token_ids": done.token_ids, "text": done.text, "finish_reason": done.finish_reason,
                     "replica_id": done.replica_id, "time_to_first_token_ms": round(done.time_to_first_token_ms, 2),
                 }
+                if done.seed is not None:
+                    result["seed"] = done.seed  # the sampling seed used: --seed it to get this completion again
                 if not args.json:
                     sys.stdout.write(done.text)
     except RingpipeError as exc:
