@@ -183,7 +183,7 @@ class ConsulConfig(_Strict):
     scheme: Literal["http", "https"] = "http"
     token_env: str | None = Field(None, description="environment variable holding a Consul ACL token")
     service: str = Field("ringpipe-replica", description="Consul service name of the replicas")
-    ttl_s: float = Field(10.0, gt=0, description="TTL of each replica's check (renewed every heartbeat round)")
+    ttl_s: float = Field(10.0, gt=0, description="TTL of each replica's check (renewed every heartbeat interval, or every third of the TTL if shorter)")
     key: str = Field("ringpipe/state", description="Consul KV key of the controller's state")
 
 

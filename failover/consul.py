@@ -4,8 +4,8 @@ The controller's state is one JSON document under `ConsulSettings.key` in Consul
 Each replica is an instance of the service `ConsulSettings.service`, id
 `{service}-{replica_id}`, with its replica id in the meta field `replica_id` and one TTL
 check (id `service:{service}-{replica_id}`) that starts passing and that
-`replica_alive` renews; Consul reaps an instance whose check stayed critical for
-`deregister_after_s`. `live_replicas` reads Consul's health API, so other tools can too.
+`replica_alive` renews (every heartbeat interval, or every third of the TTL if shorter);
+Consul reaps an instance whose check stayed critical for `deregister_after_s`. `live_replicas` reads Consul's health API, so other tools can too.
 
 Errors: every call raises `RegistryError` naming the agent and what failed, except
 `replica_alive`, which a heartbeat loop calls: it logs a warning instead, and it
@@ -70,6 +70,8 @@ class ConsulRegistry:
         )
         self._client.token = settings.token  # py-consul lets CONSUL_HTTP_TOKEN win otherwise
         self._addresses: dict[str, str] = {}  # replica id -> address, of those registered here
+        # three renewals per TTL: a check lapses only when two in a row are late or lost
+        self.renew_every_s = settings.ttl_s / 3
 
     def _service_id(self, replica_id: str) -> str:
         return f"{self.settings.service}-{replica_id}"

@@ -37,9 +37,14 @@ class Registry(Protocol):
 
     def replica_down(self, replica_id: str) -> None: ...
 
+    # how often `replica_alive` must be called at least (a third of a TTL); None: no TTL to keep
+    renew_every_s: float | None
+
 
 class GcsRegistry:
     """The controller's state under one key of Ray's GCS key-value store."""
+
+    renew_every_s = None  # the liveness calls are no-ops
 
     def __init__(self, key: str, namespace: str = "ringpipe") -> None:
         self.key, self.namespace = key.encode(), namespace
@@ -84,6 +89,7 @@ class RegistryWriter:
         import threading
 
         self.registry, self.retry_s, self.max_retry_s = registry, retry_s, max_retry_s
+        self.renew_every_s = getattr(registry, "renew_every_s", None)
         self._cond = threading.Condition()
         self._state: dict | None = None
         self._calls: collections.deque = collections.deque()

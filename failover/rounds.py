@@ -32,12 +32,14 @@ MIN_SLEEP_S = 0.01  # the shortest sleep: events closer than this are taken toge
 async def run(ctl) -> None:
     hb = ctl.settings.heartbeat
     tick, renewed, woke = min(0.1, hb.interval_s / 4), 0.0, time.monotonic()
+    # renew every heartbeat interval, or more often where the registry's TTL asks it
+    renew_every = min(hb.interval_s, ctl.registry.renew_every_s or hb.interval_s)
     while not ctl.stopped:
         try:
             for verdict in ctl.monitor.round(lag_s=time.monotonic() - woke):
                 ctl.spawn(on_death(ctl, verdict))
             pace(ctl)
-            if time.monotonic() - renewed >= hb.interval_s:
+            if time.monotonic() - renewed >= renew_every:
                 renewed = time.monotonic()
                 renew(ctl)
         except Exception:  # noqa: BLE001 — the monitor must outlive any one bad round

@@ -31,7 +31,7 @@ def test_gcs_registry_round_trip(ray_cluster):
 def consul_controller(ray_cluster, make_checkpoint):
     checkpoint = make_checkpoint("llama", vocab=128, layers=2, hidden=32)
     with FakeConsul() as fake:
-        settings = ConsulSettings(address=fake.address, service="test-replica", ttl_s=1.0, key="test/ringpipe")
+        settings = ConsulSettings(address=fake.address, service="test-replica", ttl_s=1.5, key="test/ringpipe")
         spec = ReplicaSpec(model_dir=str(checkpoint), stages=1, max_batch=2, max_seq_len=64, torch_threads=1)
         controller = Controller.options(name="consul-controller", namespace=NAMESPACE, lifetime="detached").remote(
             spec, ControllerSettings(replicas=2, consul=settings), "consul-controller"
@@ -52,7 +52,7 @@ def test_controller_keeps_membership_in_consul(consul_controller):
     saved = consul.load()
     assert {sid: s["pipeline"] for sid, s in saved["slots"].items()} == {m.replica_id: m.pipeline for m in membership.members}
 
-    # the monitor renews each replica's 1 s TTL check: still passing several TTLs later
+    # the monitor renews each replica's 1.5 s TTL check (every 0.5 s): still passing two TTLs later
     deadline_checks = []
 
     def renewed_for_3s() -> bool:
@@ -85,7 +85,7 @@ def test_consul_down_at_start_degrades_the_registry_not_the_controller(ray_clust
     checkpoint = make_checkpoint("llama", vocab=128, layers=2, hidden=32)
     with FakeConsul() as fake:
         fake.fail_status = 500
-        settings = ConsulSettings(address=fake.address, service="down-replica", ttl_s=1.0, key="test/down")
+        settings = ConsulSettings(address=fake.address, service="down-replica", ttl_s=1.5, key="test/down")
         spec = ReplicaSpec(model_dir=str(checkpoint), stages=1, max_batch=2, max_seq_len=64, torch_threads=1)
         controller = Controller.options(name="consul-down", namespace=NAMESPACE).remote(
             spec, ControllerSettings(replicas=1, consul=settings, registry_wait_s=1.0), "consul-down"
