@@ -9,9 +9,11 @@ The process signals of these only work on the machine that runs the stage.
 
 Node faults work on any cluster: `node_fault` runs a Ray task on the node that
 starts `cluster.node_fault` there, which kills the node's raylet and every
-process under it, pauses them all, or hogs its CPUs. `restart_node` starts a
-new node like a dead one on this machine (local clusters, where no autoscaler
-brings nodes back). `ringpipe chaos` (cluster/chaos_run.py) drives these.
+process under it, pauses them all, hogs its CPUs, or (a node in a network
+namespace of its own, `ringpipe serve --nodes N --netns`) cuts its links.
+`restart_node` starts a new node like a dead one on this machine (local
+clusters, where no autoscaler brings nodes back), in the dead one's namespace
+if it had one. `ringpipe chaos` (cluster/chaos_run.py) drives these.
 """
 
 from __future__ import annotations
@@ -120,6 +122,12 @@ def _start_node_fault(action: str, seconds: float) -> dict:
     raylet = psutil.Process(os.getppid())  # a worker's parent is its node's raylet
     if "raylet" not in raylet.name():
         raise RuntimeError(f"this worker's parent is {raylet.name()!r}, not a raylet")
+    if action == "partition":  # refused here, where the task can say why, not in the process started
+        from cluster.netns import in_own_namespace, own_links
+
+        if not in_own_namespace() or not own_links():
+            raise RuntimeError("partition-node needs nodes in network namespaces of their own (`ringpipe serve "
+                               "--nodes N --netns`); on a real cluster drop the node's traffic with firewall rules")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.node_fault", action, str(raylet.pid), str(seconds)],
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -128,7 +136,8 @@ def _start_node_fault(action: str, seconds: float) -> dict:
 
 
 def node_fault(node_id: str, action: str, seconds: float = 0.0, timeout_s: float = 30.0) -> dict:
-    """`action` ("kill", "pause", "slow") on the node `node_id`, from a task placed there; returns once started."""
+    """`action` ("kill", "pause", "slow", "partition") on the node `node_id`, from a task placed there;
+    returns once started."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = _start_node_fault.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
@@ -151,9 +160,15 @@ def restart_node(node: dict, gcs_address: str, log: str | None = None):
                       if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")},
         "object_store_memory": int(resources.get("object_store_memory", 200 << 20)),
     }
+    from cluster.netns import namespace_of
+
+    argv = [sys.executable, "-m", "cluster.local_node", gcs_address, json.dumps(spec)]
+    namespace = namespace_of(spec["ip"])
+    if namespace is not None:
+        argv = ["ip", "netns", "exec", namespace, *argv]
     out = open(log, "a") if log else subprocess.DEVNULL  # noqa: SIM115 — the child holds it
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster.local_node", gcs_address, json.dumps(spec)],
+        argv,
         start_new_session=True, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
     )
 

@@ -36,10 +36,11 @@ Record = dict[str, Any]
 Window = tuple[float, float]
 
 GRACE_S = 5.0
-FAULTS = ("kill-node", "kill-actor", "kill-coordinator", "pause-node", "slow-node")  # what `ringpipe chaos` injects
+FAULTS = ("kill-node", "kill-actor", "kill-coordinator", "pause-node", "slow-node", "partition-node")  # what `ringpipe chaos` injects
 PHASES = ("before", "during", "between", "after")
 KIND_COLOURS = {"kill-node": "tab:red", "kill-actor": "tab:orange", "pause-node": "tab:brown",
-                "kill-coordinator": "tab:purple", "slow-node": "tab:olive"}  # others: grey
+                "kill-coordinator": "tab:purple", "slow-node": "tab:olive",
+                "partition-node": "tab:cyan"}  # others: grey
 
 
 def window_end(fault: Record, grace_s: float = GRACE_S, load_end: float = math.inf) -> float:

@@ -10,6 +10,9 @@ each gap) for `--duration`, each of a kind drawn from `--fault` (every kind once
   kill-coordinator  one coordinator replica of the Serve app
   pause-node        SIGSTOP a worker node's processes for `--pause`, then SIGCONT
   slow-node         CPU hogs on a worker node for `--slow`
+  partition-node    a worker node's links cut for `--partition`, then restored: its processes run
+                    on, cut off (local clusters with nodes in namespaces, `ringpipe serve --netns`;
+                    on a real cluster use firewall rules, see README)
 A watcher per fault measures detection (the controller's failover verdict on a
 pipeline the fault touched, or the replica paused for a slow node) and recovery
 (the membership whole again: every ring position filled and accepting, the
@@ -71,6 +74,7 @@ class ChaosSettings:
     cooldown_s: float = 20.0
     pause_s: float = 5.0
     slow_s: float = 10.0
+    partition_s: float = 20.0
     recovery_timeout_s: float = 180.0
     pool: int = 16
     sampled_fraction: float = 0.25
@@ -115,7 +119,7 @@ class Run:
         touched: set[str] = set()
         node = None
         try:
-            if kind in ("kill-node", "pause-node", "slow-node"):
+            if kind in ("kill-node", "pause-node", "slow-node", "partition-node"):
                 candidates = [n for n in chaos.worker_nodes() if n["NodeID"] not in self.broken]
                 if not candidates:
                     raise LookupError("no worker node left to break")
@@ -124,7 +128,8 @@ class Run:
                 fault["target"] = f"node {node['NodeID'][:12]} ({node['NodeManagerAddress']})"
                 touched = {p for p, stages in pipelines.items() if any(s["node_id"] == node["NodeID"] for s in stages)}
                 action, seconds = {"kill-node": ("kill", 0.0), "pause-node": ("pause", self.settings.pause_s),
-                                   "slow-node": ("slow", self.settings.slow_s)}[kind]
+                                   "slow-node": ("slow", self.settings.slow_s),
+                                   "partition-node": ("partition", self.settings.partition_s)}[kind]
                 chaos.node_fault(node["NodeID"], action, seconds)
                 # the fault starts once its process there waited for the task to answer
                 fault["t"], wall = self.now() + FAULT_DELAY_S, time.time() + FAULT_DELAY_S
@@ -176,6 +181,9 @@ class Run:
         import ray
 
         t, kind = fault["t"], fault["kind"]
+        # kills, and partitions (longer than any heartbeat timeout), end pipelines for certain; a pause
+        # or a slowdown may be too short to be noticed at all
+        certain = kind.startswith("kill-") or kind == "partition-node"
         node_back = node is None
         deadline = t + (fault["duration_s"] or 0) + self.settings.recovery_timeout_s
         while self.now() < deadline:
@@ -184,10 +192,9 @@ class Run:
                     fault["detected_s"] = self._detected(kind, wall, touched)
                 if not node_back:
                     node_back = self._node_back(fault, node)
-                # a kill that touched a pipeline is over once the controller saw it; a pause or a
-                # slowdown may be too short to be noticed at all
-                seen = fault["detected_s"] is not None or not touched or not kind.startswith("kill-")
-                if node_back and seen and self._whole(touched if kind.startswith("kill-") else set(), fault):
+                # a fault certain to end a pipeline it touched is over once the controller saw it
+                seen = fault["detected_s"] is not None or not touched or not certain
+                if node_back and seen and self._whole(touched if certain else set(), fault):
                     fault["recovered_s"] = round(self.now() - t, 3)
                     return
             except ray.exceptions.RayError:
@@ -305,7 +312,8 @@ def cmd_chaos(args) -> int:
             target=args.target, report=args.report, faults=tuple(args.fault or ("kill-node",)),
             every_s=interval(args.every), duration_s=duration(args.duration), seed=args.seed,
             restart_nodes=args.restart_nodes, warmup_s=duration(args.warmup), cooldown_s=duration(args.cooldown),
-            pause_s=duration(args.pause), slow_s=duration(args.slow), pool=args.pool,
+            pause_s=duration(args.pause), slow_s=duration(args.slow), partition_s=duration(args.partition),
+            pool=args.pool,
             sampled_fraction=args.sampled_fraction,
             prompts=tuple(Path(args.prompts).read_text().splitlines()) if args.prompts else (),
             load=LoadSettings(

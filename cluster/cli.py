@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodes", type=_positive, default=None,
         help="local mode: start N worker nodes (real raylets on 127.0.0.1) beside the head, to try failover",
     )
+    serve.add_argument(
+        "--netns", action="store_true",
+        help="with --nodes: each worker node in a network namespace of its own (10.231.K.x, on a bridge), so "
+        "that `ringpipe chaos --fault partition-node` can cut its link (Linux, root)",
+    )
     serve.add_argument("--standby", type=int, default=None, help="warm spare replicas (replicas.standby)")
 
     deploy = sub.add_parser(
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--cooldown", default="20s", help="load after the last fault has recovered")
     chaos.add_argument("--pause", default="5s", help="how long pause-node stops a node")
     chaos.add_argument("--slow", default="10s", help="how long slow-node hogs a node's CPUs")
+    chaos.add_argument("--partition", default="20s", help="how long partition-node cuts a node's links")
     chaos.add_argument("--request-timeout", default="120s", help="deadline of each request")
     for action in chaos._actions:
         if action.help and action.default not in (None, False, argparse.SUPPRESS):
@@ -404,19 +410,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _serve_config(args)
     if args.nodes and (args.address or os.environ.get("RAY_ADDRESS")):
         return _fail("--nodes starts a local cluster: it cannot be used with --address or RAY_ADDRESS")
+    if args.netns:
+        from cluster.netns import unavailable
+
+        if not args.nodes:
+            return _fail("--netns puts the worker nodes of --nodes in namespaces: give --nodes N")
+        if unavailable():
+            return _fail(f"--netns: {unavailable()}")
     # Ctrl-C and SIGTERM both end in a clean shutdown (SIGINT explicitly: a process started in
     # the background of a script inherits it ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     started = time.monotonic()
     with _spinner("starting replicas and coordinators"):
-        service = start_service(cfg, args.address, nodes=args.nodes)
+        service = start_service(cfg, args.address, nodes=args.nodes, netns=args.netns)
     try:
         p = cfg.pipeline
         print(
             f"ringpipe serving {cfg.model.directory} on {service.target} (gRPC) — {cfg.replicas.count} replicas "
             f"x {p.stages} stages (+{cfg.replicas.standby} standby), {cfg.server.coordinators} coordinators, "
-            f"{service.mode} Ray{f' with {args.nodes} worker nodes' if args.nodes else ''}; "
+            f"{service.mode} Ray{f' with {args.nodes} worker nodes' if args.nodes else ''}"
+            f"{' in network namespaces' if args.netns else ''}; "
             f"ready in {time.monotonic() - started:.0f}s",
             flush=True,
         )
@@ -437,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.local import NoRayCluster, prepare_local
 
     prepare_local(getattr(args, "address", None))  # before anything imports Ray
+    from cluster.netns import NetnsError
     from shards.errors import ShardsError
 
     try:
@@ -458,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_generate(args) if args.command == "generate" else cmd_status(args)
         return cmd_run(args)
-    except (ConfigError, ShardsError, NoRayCluster) as exc:
+    except (ConfigError, ShardsError, NoRayCluster, NetnsError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -7,7 +7,8 @@ mode sets it, so an embedded cluster listens on 127.0.0.1 only.
 Serve's gRPC proxy has no host option: it binds `[::]:port`, every interface.
 The local mode (and `ringpipe deploy`) therefore gives its job a worker setup
 hook (`serve_on_loopback`) that, on a node whose address is a loopback one
-(127.0.0.1 here, 127.0.0.2… for the nodes of a test cluster from `ray up`),
+(127.0.0.1 here, 127.0.0.2… for the nodes of a test cluster from `ray up`) or
+one of a cluster with nodes in namespaces (10.231.K.x, `cluster/netns.py`),
 rewrites that address to the node's own in the proxy's process, through the
 function Serve names as its extension point for it (`default_impl.add_grpc_address`).
 Every Serve replica also opens an internal gRPC server on `[::]:0`; the same
@@ -29,11 +30,14 @@ LOOPBACK_HOOK = {"worker_process_setup_hook": "cluster.local.serve_on_loopback"}
 
 
 def prepare_local(address: str | None = None) -> None:
-    """Before Ray is first imported: keep a local cluster, or one joined on a loopback address, on
-    loopback (Ray reads this at import; else it rewrites 127.0.0.1 to the machine's outward address)."""
+    """Before Ray is first imported: keep a local cluster, or one joined on a loopback address (or a
+    namespaced cluster's bridge, `cluster/netns.py`), on loopback (Ray reads this at import; else it
+    rewrites 127.0.0.1 to the machine's outward address)."""
+    from cluster.netns import is_netns_address
+
     address = address or os.environ.get("RAY_ADDRESS")
     host = (address or "").removeprefix("ray://").rsplit(":", 1)[0]
-    if not address or host.startswith("127.") or host == "localhost":
+    if not address or host.startswith("127.") or host == "localhost" or is_netns_address(host):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -84,17 +88,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     return "local"
 
 
-def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True):
+def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True, netns: bool = False):
     """A head and `nodes` worker nodes, each a real raylet on 127.0.0.1, and this process connected.
 
     The head gets no CPUs, so stages are placed on the worker nodes (and killing one is
     a real node failure); the controller, Serve and the coordinators need none and stay
     wherever Ray puts them. Returns the `ray.cluster_utils.Cluster`; `shutdown()` it after
-    `ray.shutdown()`.
+    `ray.shutdown()`. `netns`: each worker node in a network namespace of its own instead
+    (`NetnsCluster`: root only), so that its link can be cut.
     """
     if nodes < 1:
         raise ValueError(f"nodes must be ≥ 1, got {nodes}")
     prepare_local()
+    if netns:
+        return NetnsCluster(nodes, cpus_per_node, quiet)
     import ray
     from ray.cluster_utils import Cluster
 
@@ -120,12 +127,103 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
     return cluster
 
 
+class NetnsCluster:
+    """A head on a bridge of its own (`cluster/netns.py`) and worker nodes each in its own network
+    namespace, every node a `cluster.local_node` process started there; this process connected.
+
+    `shutdown()` (after `ray.shutdown()`) stops the nodes, the head, and removes the namespaces and
+    the bridge, whatever else was started in them meanwhile (a node `ringpipe chaos` restarted)."""
+
+    NODE_TIMEOUT_S = 120.0  # for one node to join
+    NODE_TRIES = 3  # a node whose raylet did not register in Ray's time (a loaded machine) is started again
+
+    def __init__(self, nodes: int, cpus_per_node: int | None = None, quiet: bool = True) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from cluster import netns
+
+        why = netns.unavailable()
+        if why:
+            raise netns.NetnsError(f"--netns: {why}")
+        self.bridge = netns.Bridge()
+        self.nets: list = []
+        self.processes: list = []
+        self.head = None
+        try:
+            self.head = Cluster(initialize_head=True, head_node_args={
+                "node_ip_address": self.bridge.address, "object_store_memory": 256 << 20,
+                "num_cpus": 0, "include_dashboard": False,
+            })
+            self.address = self.head.address
+            self.logs = os.path.join(self.head.head_node.get_session_dir_path(), "logs")
+            cpus = cpus_per_node or max(os.cpu_count() or 1, 6)
+            for i in range(nodes):  # one at a time, as `ray.cluster_utils` adds them: raylets starting
+                net = netns.NodeNet(self.bridge.cluster, i)  # together on a small machine time out
+                self.nets.append(net)
+                net.create(self.bridge.name)
+                self._start_node(net, {"ip": net.address, "num_cpus": cpus, "object_store_memory": 256 << 20})
+            ray.init(address=self.address, log_to_driver=not quiet, configure_logging=not quiet,
+                     runtime_env=LOOPBACK_HOOK)
+        except BaseException:
+            if ray.is_initialized():
+                ray.shutdown()
+            self.shutdown()
+            raise
+
+    def _start_node(self, net, spec: dict) -> None:
+        """Start `cluster.local_node` in `net`'s namespace; return once it says it joined."""
+        import json
+        import subprocess
+        import time
+
+        path = os.path.join(self.logs, f"netns-node-{net.index}.out")
+        argv = net.command([sys.executable, "-m", "cluster.local_node", self.address, json.dumps(spec)])
+        for _ in range(self.NODE_TRIES):
+            with open(path, "ab") as log:
+                start = log.tell()
+                process = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT)
+            self.processes.append(process)
+            deadline = time.monotonic() + self.NODE_TIMEOUT_S
+            while process.poll() is None and time.monotonic() < deadline:
+                with open(path, "rb") as log:
+                    log.seek(start)
+                    if b" joined " in log.read():
+                        return
+                time.sleep(0.2)
+            if process.poll() is None:
+                process.kill()
+        raise RuntimeError(f"the worker node in namespace {net.namespace} did not join {self.address} in "
+                           f"{self.NODE_TRIES} tries: see {path}")
+
+    def shutdown(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except Exception:  # noqa: BLE001 — a node that does not stop is killed with its namespace
+                pass
+        try:
+            if self.head is not None:
+                self.head.shutdown()
+        finally:
+            for net in self.nets:
+                net.delete()
+            self.bridge.delete()
+
+
 def _on_loopback(address: str) -> str:
-    """`[::]:port` (every interface) as the node's own address, on a node whose address is a loopback one."""
+    """`[::]:port` (every interface) as the node's own address, on a node whose address is a loopback
+    one or a namespaced cluster's."""
     import ray
 
+    from cluster.netns import is_netns_address
+
     node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else LOOPBACK
-    return address.replace("[::]", node_ip, 1) if node_ip.startswith("127.") else address
+    return address.replace("[::]", node_ip, 1) if node_ip.startswith("127.") or is_netns_address(node_ip) else address
 
 
 def _patch_proxy(module) -> None:

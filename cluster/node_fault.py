@@ -6,6 +6,8 @@ this process, started by that worker, outlives it. Actions:
   kill   SIGKILL the raylet, then every process under it (workers, agents): a node failure
   pause  SIGSTOP them all for SECONDS, then SIGCONT: a hang, or a partition that heals
   slow   one busy process per core for SECONDS: a CPU hog beside the node's work
+  partition  the node's links down for SECONDS, then up: a real partition, its processes running on
+         (a node in a network namespace of its own, `cluster/netns.py`; refused on the machine's own)
 This process and its ancestors are never signalled.
 """
 
@@ -59,8 +61,12 @@ def main(action: str, raylet_pid: int, seconds: float) -> None:
             hog.start()
         for hog in hogs:
             hog.join()
+    elif action == "partition":
+        from cluster.netns import cut_own_links
+
+        cut_own_links(seconds)
     else:
-        raise SystemExit(f"unknown action {action!r}: kill, pause or slow")
+        raise SystemExit(f"unknown action {action!r}: kill, pause, slow or partition")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ConfigError, RingpipeConfig, auth_token
-from cluster.local import LOOPBACK, init_ray, start_local_cluster
+from cluster.local import init_ray, start_local_cluster
 from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from coordinator.service import CoordinatorSettings, Takeover
 from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
@@ -154,9 +154,9 @@ def listen_host(cfg: RingpipeConfig, mode: str) -> str:
 
     if cfg.server.host != "auto":
         return cfg.server.host
-    if mode == "local":
-        return LOOPBACK
     node_ip = ray.util.get_node_ip_address()
+    if mode == "local":  # 127.0.0.1, or the bridge of a cluster with nodes in namespaces
+        return node_ip
     return node_ip if node_ip.startswith("127.") else "0.0.0.0"
 
 
@@ -176,14 +176,16 @@ def serve_options(cfg: RingpipeConfig, host: str, mode: str = "joined") -> dict:
     }
 
 
-def run_app(cfg: RingpipeConfig, mode: str, ready_timeout_s: float) -> str:
-    """Start Serve's proxies and the coordinator app; returns the gRPC target once it answers SERVING."""
+def run_app(cfg: RingpipeConfig, mode: str, ready_timeout_s: float, on_head: bool = False) -> str:
+    """Start Serve's proxies and the coordinator app; returns the gRPC target once it answers SERVING.
+    `on_head`: the coordinators on the head node (beside the proxy), never on a worker node."""
     import ray
     from ray import serve
 
     host = listen_host(cfg, mode)
     serve.start(**serve_options(cfg, host, mode))
-    app = build_app(coordinator_settings(cfg), cfg.server.coordinators, cfg.server.max_ongoing_requests)
+    app = build_app(coordinator_settings(cfg), cfg.server.coordinators, cfg.server.max_ongoing_requests,
+                    resources={HEAD_RESOURCE: 0.001} if on_head else None)
     serve.run(app, name=APP_NAME, route_prefix="/")
     target = f"{ray.util.get_node_ip_address() if host == '0.0.0.0' else host}:{cfg.server.port}"
     wait_serving(target, ready_timeout_s)
@@ -196,8 +198,11 @@ def start_service(
     progress: bool = True,
     ready_timeout_s: float = 120.0,
     nodes: int | None = None,
+    netns: bool = False,
 ) -> Service:
-    """Start everything; `nodes`: first start a local cluster of a head and that many worker nodes."""
+    """Start everything; `nodes`: first start a local cluster of a head and that many worker nodes
+    (`netns`: each in a network namespace of its own, see `cluster/netns.py`; the coordinators then
+    stay on the head, so that cutting a node's link partitions stages, not the front)."""
     coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
     controller_settings(cfg)
     ensure_model(cfg, progress)
@@ -206,14 +211,14 @@ def start_service(
     owns_ray = not ray.is_initialized()
     local_cluster = None
     if nodes:
-        local_cluster = start_local_cluster(nodes)
+        local_cluster = start_local_cluster(nodes, netns=netns)
         mode = "local"
     else:
         mode = init_ray(address)
     controller = None
     try:
         controller = start_controller(cfg)
-        target = run_app(cfg, mode, ready_timeout_s)
+        target = run_app(cfg, mode, ready_timeout_s, on_head=netns)
     except BaseException:
         Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise

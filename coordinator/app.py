@@ -15,13 +15,15 @@ SERVICER_FUNCTIONS = [
 ]
 
 
-def build_app(settings: CoordinatorSettings, replicas: int = 2, max_ongoing_requests: int = 1024):
-    """The Serve application: `replicas` coordinators, each taking up to `max_ongoing_requests` calls."""
+def build_app(settings: CoordinatorSettings, replicas: int = 2, max_ongoing_requests: int = 1024,
+              resources: dict | None = None):
+    """The Serve application: `replicas` coordinators, each taking up to `max_ongoing_requests` calls
+    (and needing the custom `resources`, if any: a node they must run on)."""
     deployment = serve.deployment(
         Coordinator,
         name="Coordinator",
         num_replicas=replicas,
         max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, **({"resources": resources} if resources else {})},
     )
     return deployment.bind(settings)

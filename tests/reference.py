@@ -76,10 +76,10 @@ class Served:
 
 
 @contextlib.contextmanager
-def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float = 300.0):
-    """`ringpipe serve --config … --nodes N` as an operator starts it (its own session, its output in
-    `directory`/serve.log), yielded as `Served` once it printed its Ray address; stopped with Ctrl-C
-    after, and whatever it started killed if still there."""
+def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float = 300.0, *flags: str):
+    """`ringpipe serve --config … --nodes N [flags]` as an operator starts it (its own session, its
+    output in `directory`/serve.log), yielded as `Served` once it printed its Ray address; stopped with
+    Ctrl-C after, and whatever it started killed if still there."""
     import os
     import re
     import signal
@@ -96,7 +96,7 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
     log_path = directory / "serve.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path),
-                                   "--nodes", str(nodes)],
+                                   "--nodes", str(nodes), *flags],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     started: set[int] = set()
 
@@ -112,8 +112,9 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
             return "Ray cluster: " in log_path.read_text()
 
         wait_for(ready, timeout_s, f"ringpipe serve --nodes {nodes}")
-        address = re.search(r"Ray cluster: (\S+)", log_path.read_text())[1]
+        text = log_path.read_text()
+        target, address = re.search(r" on (\S+) \(gRPC\)", text)[1], re.search(r"Ray cluster: (\S+)", text)[1]
         started = descendants()
-        yield Served(f"127.0.0.1:{config['server']['port']}", address, env, server.pid)
+        yield Served(target, address, env, server.pid)
     finally:
         stop_started(server, started | descendants(), signal.SIGINT)
