@@ -163,12 +163,15 @@ class Bridge:
 
     def __init__(self) -> None:
         taken = {line.split(":", 2)[1].strip() for line in ip("-o", "link", "show").splitlines()}
-        self.cluster = next((k for k in range(255) if f"rp{k}-br" not in taken), None)
-        if self.cluster is None:
-            raise NetnsError("255 ringpipe bridges exist already: delete stale ones (`ip link delete rpK-br`)")
-        self.name = f"rp{self.cluster}-br"
-        self.address = f"{SUBNET}.{self.cluster}.1"
-        ip("link", "add", self.name, "type", "bridge")
+        for k in (k for k in range(255) if f"rp{k}-br" not in taken):
+            try:
+                ip("link", "add", f"rp{k}-br", "type", "bridge")
+                break
+            except NetnsError:
+                continue  # another cluster took it meanwhile
+        else:
+            raise NetnsError("no free ringpipe bridge name: delete stale ones (`ip link delete rpK-br`)")
+        self.cluster, self.name, self.address = k, f"rp{k}-br", f"{SUBNET}.{k}.1"
         try:
             ip("addr", "add", f"{self.address}/24", "dev", self.name)
             ip("link", "set", self.name, "up")
