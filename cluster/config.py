@@ -70,6 +70,11 @@ class PipelineConfig(_Strict):
 class TransportConfig(_Strict):
     timeout_s: float = Field(10.0, gt=0, description="a send/receive waiting longer fails the replica")
     keepalive_s: float = Field(1.0, gt=0, description="an idle head probes its pipeline this often")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend between stages: auto is NCCL on CUDA, Gloo on CPU")
+    socket_ifname: str | None = Field(
+        None, min_length=1, description="network interface for stage-to-stage traffic on every node "
+        "(GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME); default: the one carrying the node's Ray address")
 
     @model_validator(mode="after")
     def _keepalive_below_timeout(self) -> TransportConfig:
@@ -240,6 +245,12 @@ class RingpipeConfig(_Strict):
     server: ServerConfig = ServerConfig()
     failover: FailoverConfig = FailoverConfig()
 
+    @model_validator(mode="after")
+    def _nccl_needs_cuda(self) -> RingpipeConfig:
+        if self.transport.backend == "nccl" and self.model.device != "cuda":
+            raise ValueError("transport.backend nccl needs model.device cuda (on cpu: auto or gloo)")
+        return self
+
     def replica_spec(self) -> ReplicaSpec:
         p, t = self.pipeline, self.transport
         return ReplicaSpec(
@@ -256,6 +267,8 @@ class RingpipeConfig(_Strict):
             torch_threads=p.torch_threads,
             cpus_per_stage=p.cpus_per_stage,
             transport_timeout_s=t.timeout_s,
+            transport_backend="" if t.backend == "auto" else t.backend,
+            socket_ifname=t.socket_ifname or "",
             keepalive_s=t.keepalive_s,
             placement_strategy=p.placement_strategy,
         )

@@ -40,7 +40,7 @@ class StageActor:
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     async def connect(self, host: str, port: int) -> None:
-        await asyncio.to_thread(self.stage.connect, host, port)
+        await asyncio.to_thread(self.stage.connect, host, port, ray.util.get_node_ip_address())
 
     async def load(self) -> dict:
         return await asyncio.to_thread(self.stage.load)

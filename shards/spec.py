@@ -24,6 +24,10 @@ class ReplicaSpec:
     torch_threads: int = 0  # 0: this node's cores divided among the stages
     cpus_per_stage: float = 1.0
     transport_timeout_s: float = 10.0
+    # the torch.distributed backend between stages; "": NCCL on CUDA, Gloo on CPU. Any other name must be
+    # a backend registered in the stages' processes
+    transport_backend: str = ""
+    socket_ifname: str = ""  # the interface stage-to-stage traffic uses; "": the one of the node's Ray address
     keepalive_s: float = 1.0
     placement_strategy: str = "PACK"  # Ray placement group strategy for the stages
 
@@ -33,4 +37,4 @@ class ReplicaSpec:
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device == "cuda" else "gloo"
+        return self.transport_backend or ("nccl" if self.device == "cuda" else "gloo")

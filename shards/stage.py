@@ -111,7 +111,8 @@ class Stage:
         self._store = open_rendezvous(host, self.spec.stages * self.tp, self.spec.transport_timeout_s)
         return self._store.port
 
-    def connect(self, host: str, port: int) -> None:
+    def connect(self, host: str, port: int, local_address: str | None = None) -> None:
+        """Join the replica's process group at stage 0's `host:port`; `local_address`: this node's own."""
         if self.spec.stages * self.tp == 1:
             return
         self._link = PipeLink(
@@ -125,6 +126,8 @@ class Stage:
             self.device,
             store=self._store,
             tp=self.tp,
+            local_address=local_address,
+            socket_ifname=self.spec.socket_ifname,
         )
 
     def load(self) -> dict:

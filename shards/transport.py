@@ -7,6 +7,20 @@ rendezvous is a TCPStore opened by stage 0 on a free port of its node. Messages:
   activations [B, T, H] whose shape the header gives;
 - last stage -> stage 0: a fixed-size int64 result (mb id, batch size, tokens).
 
+The results travel on a process group of their own (the head and the last
+stage), apart from the activations (the default group): so that no two ranks
+ever send to each other on one communicator. NCCL runs a communicator's
+operations between a pair in the order they were posted, and a send larger than
+its internal buffer completes only once the peer has posted the matching
+receive. With 2 stages on one group, the head sends micro-batch k+1 (an 8 MiB
+prefill chunk of a large model) while the last stage sends the tokens of k back,
+each before its receive: each waits for the other forever. Gloo buffers sends,
+so only a transport with NCCL's discipline shows it on CPU
+(`tests/shards/strict_pg.py`). Grouping each exchange (`batch_isend_irecv`)
+would also avoid it, but the head's send and its receive are not one exchange:
+the receive waits on a result that may be several micro-batches behind. With
+the split, every pair's traffic on every communicator goes one way only.
+
 Only tensors ride here; control (setup, ping, stats, shutdown) goes over Ray
 calls. Every wait is bounded by the group timeout, and a peer that dies closes
 its sockets, so survivors see a `TransportError` instead of hanging.
@@ -113,7 +127,7 @@ def unpack_result(t: torch.Tensor) -> tuple[int, list[int]]:
 
 
 def interface_for(host: str) -> str | None:
-    """The network interface that owns `host`, so Gloo binds there (loopback stays loopback)."""
+    """The network interface that owns `host` (loopback stays loopback); None if none here does."""
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == host for a in addrs):
             return name
@@ -147,6 +161,8 @@ class PipeLink:
         device: torch.device,
         store: dist.TCPStore | None = None,
         tp: int = 1,
+        local_address: str | None = None,
+        socket_ifname: str = "",
     ) -> None:
         # ranks: stage s, tensor-parallel rank t -> s * tp + t; stage leaders (t = 0)
         # carry the pipeline traffic, so neighbours are `tp` ranks apart
@@ -154,9 +170,12 @@ class PipeLink:
         self.stride = tp
         self.leader = rank - rank % tp
         self.timeout_s = timeout_s
-        iface = interface_for(host)
-        if backend == "gloo" and iface:
-            os.environ["GLOO_SOCKET_IFNAME"] = iface
+        # this stage's traffic on the interface of its own node's address (the one Ray knows the node
+        # by), not whatever the host name resolves to, or on the one the config names (Gloo and
+        # NCCL's bootstrap read these when the group is made)
+        iface = socket_ifname or interface_for(local_address or host)
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = iface
         if store is None:
             store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         try:
@@ -168,18 +187,21 @@ class PipeLink:
         self._store = store
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
         self._header_len = Header.size(max_batch)
+        self.last = world_size - tp  # the last stage's leader
+        # every rank creates every group, in the same order (new_group is collective)
+        self._results = dist.new_group([0, self.last]) if self.last > 0 else None
         self.tp_group = None
-        if tp > 1:  # every rank creates every stage's group, in the same order
+        if tp > 1:
             for first in range(0, world_size, tp):
                 group = dist.new_group(list(range(first, first + tp)))
                 if first == self.leader:
                     self.tp_group = group
 
     # -- sending (non-blocking; tensors are kept alive until their send completes)
-    def _isend(self, tensor: torch.Tensor, dst: int) -> None:
+    def _isend(self, tensor: torch.Tensor, dst: int, group=None) -> None:
         tensor = tensor.to(self.device).contiguous()
         try:
-            work = dist.isend(tensor, dst)
+            work = dist.isend(tensor, dst, group=group)
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"stage {self.rank}: send to stage {dst} failed: {exc}") from exc
         self._pending.append((work, tensor))
@@ -199,10 +221,10 @@ class PipeLink:
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"stage {self.rank}: {what} failed or timed out: {exc}") from exc
 
-    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, group=None) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         try:
-            work = dist.irecv(buf, src)
+            work = dist.irecv(buf, src, group=group)
         except Exception as exc:  # noqa: BLE001
             raise TransportError(f"stage {self.rank}: receive from stage {src} failed: {exc}") from exc
         self._wait(work, f"receive from stage {src}")
@@ -245,11 +267,10 @@ class PipeLink:
         return header, payload
 
     def send_result(self, mb_id: int, tokens: list[int]) -> None:
-        self._isend(pack_result(mb_id, tokens, self.max_batch), 0)
+        self._isend(pack_result(mb_id, tokens, self.max_batch), 0, self._results)
 
     def recv_result(self) -> tuple[int, list[int]]:
-        last = self.world_size - self.stride
-        return unpack_result(self._recv((2 + self.max_batch,), torch.int64, last).cpu())
+        return unpack_result(self._recv((2 + self.max_batch,), torch.int64, self.last, self._results).cpu())
 
     def flush(self) -> None:
         for work, _ in self._pending:

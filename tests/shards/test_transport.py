@@ -141,3 +141,39 @@ def test_sends_do_not_pile_up():
         proc.kill()
         proc.join(10)
         link.close()
+
+
+def _iface_peer(port: int, queue) -> None:
+    from shards.transport import PipeLink
+
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # not inherited from the test process
+        os.environ.pop(name, None)
+    # stage 0's store on 127.0.0.2 (an address of no interface here, as stage 0's node's is on another
+    # node); this stage's own node address is 127.0.0.1
+    link = PipeLink(1, 2, "127.0.0.2", port, "gloo", 10.0, 4, torch.device("cpu"), local_address="127.0.0.1")
+    queue.put((os.environ.get("GLOO_SOCKET_IFNAME"), os.environ.get("NCCL_SOCKET_IFNAME")))
+    header, _ = link.recv_forward(8, torch.float32)
+    link.send_result(header.mb_id, [1])
+    time.sleep(600)
+
+
+def test_every_stage_uses_the_interface_of_its_own_address():
+    """A later stage binds where its own node's address is, not where stage 0's store is."""
+    from shards.transport import PipeLink, open_rendezvous
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = open_rendezvous("127.0.0.2", 2, 10)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_iface_peer, args=(store.port, queue), daemon=True)
+    proc.start()
+    link = PipeLink(0, 2, "127.0.0.2", store.port, "gloo", 10.0, 4, torch.device("cpu"), store=store,
+                    local_address="127.0.0.1")
+    try:
+        assert queue.get(timeout=120) == ("lo", "lo")
+        link.send_forward(Header(Kind.DATA, 3, 1, (RowMeta(0, 0, True, 0, SamplingParams()),)), torch.zeros(1, 1, 8))
+        assert link.recv_result() == (3, [1])
+    finally:
+        proc.kill()
+        proc.join(10)
+        link.close()
