@@ -40,6 +40,11 @@ class Overloaded(ShardsError):
     """
 
 
+class DoesNotFit(ShardsError):
+    """A stage's weights and KV slots need more memory than its device has free: refused before
+    anything is allocated, with the numbers and the settings that would make it fit."""
+
+
 class ReplicaFailed(ShardsError):
     """A pipeline replica lost a stage or its transport; its requests cannot finish there."""
 

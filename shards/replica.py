@@ -112,7 +112,8 @@ class Replica:
 
     def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(), avoid_wait_s: float = 3.0,
               hard_wait_s: float = 60.0) -> list[str]:
-        """Reserve the stages' resources (the placement group); returns the node id of each bundle.
+        """Reserve the stages' resources (the placement group: one bundle per stage, its tensor-parallel
+        ranks together); returns the node id of each bundle.
 
         `avoid`: nodes to keep off (other replicas' nodes, so that one node's failure takes one
         replica, not several), asked of Ray through each bundle's label selector on
@@ -122,9 +123,11 @@ class Replica:
         for `avoid_wait_s`. Either way it is then placed anywhere rather than not at all, and
         `ringpipe status` says which replicas share a node."""
         spec = self.spec
-        # one bundle (one process) per tensor-parallel rank of every stage: rank = stage * tp + t
-        bundle = {"CPU": spec.cpus_per_stage, **({"GPU": 1} if spec.device == "cuda" else {})}
-        bundles = [dict(bundle) for _ in range(len(self.plans) * spec.tensor_parallel)]
+        # one bundle per stage, holding its tensor-parallel ranks (one process each): a bundle is on
+        # one node, so a stage's all-reduces never cross the network, while the strategy spreads stages
+        tp = spec.tensor_parallel
+        bundle = {"CPU": spec.cpus_per_stage * tp, **({"GPU": tp} if spec.device == "cuda" else {})}
+        bundles = [dict(bundle) for _ in self.plans]
         lifetime = {"lifetime": "detached"} if self.detached else {}
         if avoid:
             hard = fits_off(avoid, bundles, distinct=spec.placement_strategy == "STRICT_SPREAD")
@@ -165,12 +168,13 @@ class Replica:
                 StageActor.options(
                     num_cpus=spec.cpus_per_stage,
                     num_gpus=1 if spec.device == "cuda" else 0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self._pg, placement_group_bundle_index=plan.index),  # the stage's bundle
                     name=name,
                     namespace=self.namespace,
                     **lifetime,
                 ).remote(spec, plan, self.args, self.name, t)
-                for i, ((plan, t), name) in enumerate(zip(ranks, self.actor_names, strict=True))
+                for (plan, t), name in zip(ranks, self.actor_names, strict=True)
             ]
             host, port = ray.get(self.head.rendezvous.remote(), timeout=timeout_s)
             ray.get([a.connect.remote(host, port) for a in self.actors], timeout=timeout_s)

@@ -30,7 +30,7 @@ import psutil
 import torch
 
 from shards.checkpoint import load_stage
-from shards.errors import Overloaded, ReplicaFailed, RequestError, ShardsError
+from shards.errors import DoesNotFit, Overloaded, ReplicaFailed, RequestError, ShardsError
 from shards.kv import StageCache
 from shards.model import ModelArgs, StageModel
 from shards.partition import StagePlan
@@ -130,8 +130,33 @@ class Stage:
             socket_ifname=self.spec.socket_ifname,
         )
 
+    def free_bytes(self) -> int:
+        """Memory this stage's device has free now: the GPU's (CUDA), else the host's available RAM."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return psutil.virtual_memory().available
+
+    def check_fits(self) -> None:
+        """Refuse (DoesNotFit) a stage whose weights and KV slots exceed the device's free memory.
+
+        A tensor-parallel rank reads the whole stage before it keeps its slice, so its peak holds the
+        stage's weights, plus its share of the KV slots."""
+        p, gib = self.plan, 1 << 30
+        kv = p.kv_bytes // self.tp
+        needed, free = p.weight_bytes + kv, self.free_bytes()
+        if needed > free:
+            raise DoesNotFit(
+                f"{self.name} needs {needed / gib:.2f} GiB ({p.weight_bytes / gib:.2f} GiB of weights for "
+                f"layers {p.layer_start}-{p.layer_end - 1} + {kv / gib:.2f} GiB of KV slots for "
+                f"pipeline.max_batch {self.spec.max_batch} x pipeline.max_seq_len {self.spec.max_seq_len}) "
+                f"but its {self.device.type} has {free / gib:.2f} GiB free: lower pipeline.max_batch or "
+                f"pipeline.max_seq_len, or cut the model into more stages (pipeline.stages)"
+            )
+
     def load(self) -> dict:
-        """Read this stage's tensors and allocate its KV slots; returns planned vs measured bytes."""
+        """Read this stage's tensors and allocate its KV slots (refused first if they cannot fit,
+        `check_fits`); returns planned vs measured bytes."""
+        self.check_fits()
         rss_before = psutil.Process().memory_info().rss
         p = self.plan
         self.model = load_stage(

@@ -24,6 +24,19 @@ the split, every pair's traffic on every communicator goes one way only.
 Only tensors ride here; control (setup, ping, stats, shutdown) goes over Ray
 calls. Every wait is bounded by the group timeout, and a peer that dies closes
 its sockets, so survivors see a `TransportError` instead of hanging.
+
+On NCCL a wait does not raise by default: torch's watchdog tears the process
+down at the group timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING=3), so the stage's
+own clean-up (`ReplicaFailed` to its requests) and its answers to ping and
+shutdown would never happen, and destroying a broken communicator can hang.
+So an NCCL link runs with TORCH_NCCL_BLOCKING_WAIT=1 (`Work.wait(timeout)`
+raises at the timeout, as Gloo's does) and TORCH_NCCL_ASYNC_ERROR_HANDLING=0
+(the watchdog leaves errors to us), unless the environment sets them; `close`
+aborts every communicator (`_abort_process_group`) before destroying the
+groups. Unverified on a GPU so far (README, "GPU status").
+
+The interface: every stage sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to
+the interface of its own node's Ray address (or `transport.socket_ifname`).
 """
 
 from __future__ import annotations
@@ -176,6 +189,10 @@ class PipeLink:
         iface = socket_ifname or interface_for(local_address or host)
         if iface:
             os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = iface
+        self.backend = backend
+        if backend == "nccl":  # a dead or silent peer fails a wait; it does not end the process
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         if store is None:
             store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
         try:
@@ -282,6 +299,8 @@ class PipeLink:
         self._pending = []
         if dist.is_initialized():
             try:
+                if self.backend == "nccl":  # destroying a broken communicator waits on it: abort first
+                    dist.distributed_c10d._abort_process_group()
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 — closing a broken group may fail; it is closed either way
                 pass

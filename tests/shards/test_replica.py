@@ -266,11 +266,14 @@ def test_bfloat16_replica(ray_cluster, checkpoints):
 
 @pytest.mark.parametrize("arch", ["llama", "glm", "qwen2"])
 def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arch):
-    """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU) give transformers' tokens."""
+    """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU) give transformers' tokens;
+    spread over nodes, each stage's ranks on one node (its all-reduces never cross the network)."""
     expected = hf_greedy(checkpoints[arch], tuple(PROMPTS[0]), NEW_TOKENS)
-    replica = start_replica(checkpoints[arch], 2, tensor_parallel=2)
+    replica = start_replica(checkpoints[arch], 2, tensor_parallel=2, placement_strategy="SPREAD")
     try:
         assert len(replica.actors) == 4
+        nodes = [n["node_id"] for n in ray_cluster.get([a.node.remote() for a in replica.actors])]  # rank = stage * 2 + t
+        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], nodes
         assert replica.generate(make_request(PROMPTS[0], NEW_TOKENS)).token_ids == expected
         follower = replica.stats()[1]
         assert follower["steps"] > 0  # the second rank really computed
