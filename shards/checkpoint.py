@@ -206,6 +206,42 @@ def _source_name(name: str, args: ModelArgs, available: Iterable[str]) -> str:
     return wanted
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _Mapped:
+    """A safetensors file mapped copy-on-write, its tensors as views of the mapping: a slice of one
+    copies only the slice's bytes. (safetensors 0.8's `get_slice(...)[rows]` reads the whole tensor
+    first, measured: a rank would hold every split tensor whole while it loads.)"""
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        size = int.from_bytes(self._map[:8], "little")
+        self._header = json.loads(self._map[8 : 8 + size])
+        self._start = 8 + size
+
+    def view(self, name: str) -> torch.Tensor:
+        meta = self._header[name]
+        dtype = _DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name} has dtype {meta['dtype']}, which is not supported")
+        begin, end = meta["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + begin)
+        return flat.view(meta["shape"])
+
+
+def _cat_shape(parts: list[torch.Tensor], dim: int) -> tuple[int, ...]:
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return tuple(shape)
+
+
 def load_stage(
     model_dir: str | Path,
     args: ModelArgs,
@@ -215,12 +251,21 @@ def load_stage(
     last: bool,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    tp_rank: int = 0,
+    tp: int = 1,
+    tp_group=None,
 ) -> StageModel:
-    """Build one stage and fill it with its own tensors only, read lazily from safetensors."""
+    """Build one stage and fill it with its own tensors only, read lazily from safetensors.
+
+    `tp` > 1: tensor-parallel rank `tp_rank`'s share of it (`shards/tp.py`, summing over `tp_group`),
+    reading only that rank's slice of each split tensor."""
+    from shards.tp import rank_slices, shard_stage
+
     files = tensor_files(model_dir)
     shapes = stage_shapes(args, layer_start, layer_end, first, last)
     state: dict[str, torch.Tensor] = {}
     handles: dict[Path, object] = {}
+    mapped_files: dict[Path, _Mapped] = {}
     try:
         for name, shape in shapes.items():
             source = _source_name(name, args, files)
@@ -234,12 +279,26 @@ def load_stage(
                 raise CheckpointError(
                     f"tensor {source} in {file.name} has shape {list(found)}, expected {list(shape)}"
                 )
-            # copy=True: own the memory instead of keeping the file mapped, so the
-            # stage's footprint is its weights from the start, whatever the page cache does
-            state[name] = handles[file].get_tensor(source).to(device=device, dtype=dtype, copy=True)
+            pieces = rank_slices(name, args, tp_rank, tp)
+            if pieces is None:
+                # copy=True: own the memory instead of keeping the file mapped, so the
+                # stage's footprint is its weights from the start, whatever the page cache does
+                state[name] = handles[file].get_tensor(source).to(device=device, dtype=dtype, copy=True)
+                continue
+            if file not in mapped_files:
+                mapped_files[file] = _Mapped(file)
+            whole = mapped_files[file].view(source)
+            parts = [whole[s] if dim == 0 else whole[:, s] for dim, s in pieces]
+            # one copy, of the rank's slices only, converted on the way
+            out = torch.empty(_cat_shape(parts, pieces[0][0]), dtype=dtype, device=device)
+            torch.cat(parts, dim=pieces[0][0], out=out)
+            state[name] = out
     finally:
         handles.clear()
+        mapped_files.clear()
     model = StageModel(args, layer_start, layer_end, first, last, device="meta")
+    if tp > 1:
+        model = shard_stage(model, tp_rank, tp, tp_group)  # on meta: the shapes of the slices read
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)
     return model.eval().requires_grad_(False)

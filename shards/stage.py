@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from shards.checkpoint import load_stage
+from shards.checkpoint import load_stage, stage_shapes
 from shards.errors import DoesNotFit, Overloaded, ReplicaFailed, RequestError, ShardsError
 from shards.kv import StageCache
 from shards.model import ModelArgs, StageModel
@@ -37,7 +37,7 @@ from shards.partition import StagePlan
 from shards.sampling import sample
 from shards.scheduler import GenerationRequest, MicroBatch, Scheduler, TokenEvent
 from shards.spec import ReplicaSpec
-from shards.tp import shard_stage
+from shards.tp import rank_numel
 from shards.transport import Header, Kind, PipeLink, open_rendezvous
 
 Sink = Callable[[TokenEvent | BaseException], None]
@@ -139,18 +139,22 @@ class Stage:
     def check_fits(self) -> None:
         """Refuse (DoesNotFit) a stage whose weights and KV slots exceed the device's free memory.
 
-        A tensor-parallel rank reads the whole stage before it keeps its slice, so its peak holds the
-        stage's weights, plus its share of the KV slots."""
+        A tensor-parallel rank needs its share: its slices of the split tensors, the replicated ones
+        whole, and its share of the KV slots."""
         p, gib = self.plan, 1 << 30
+        shapes = stage_shapes(self.args, p.layer_start, p.layer_end, p.first, p.last)
+        weights = self.spec.torch_dtype.itemsize * sum(
+            rank_numel(name, shape, self.args, self.tp_rank, self.tp) for name, shape in shapes.items())
         kv = p.kv_bytes // self.tp
-        needed, free = p.weight_bytes + kv, self.free_bytes()
+        needed, free = weights + kv, self.free_bytes()
         if needed > free:
             raise DoesNotFit(
-                f"{self.name} needs {needed / gib:.2f} GiB ({p.weight_bytes / gib:.2f} GiB of weights for "
+                f"{self.name} needs {needed / gib:.2f} GiB ({weights / gib:.2f} GiB of weights for "
                 f"layers {p.layer_start}-{p.layer_end - 1} + {kv / gib:.2f} GiB of KV slots for "
                 f"pipeline.max_batch {self.spec.max_batch} x pipeline.max_seq_len {self.spec.max_seq_len}) "
                 f"but its {self.device.type} has {free / gib:.2f} GiB free: lower pipeline.max_batch or "
-                f"pipeline.max_seq_len, or cut the model into more stages (pipeline.stages)"
+                f"pipeline.max_seq_len, cut the model into more stages (pipeline.stages), or split each stage over "
+                f"more ranks (pipeline.tensor_parallel)"
             )
 
     def load(self) -> dict:
@@ -161,10 +165,8 @@ class Stage:
         p = self.plan
         self.model = load_stage(
             self.spec.model_dir, self.args, p.layer_start, p.layer_end, p.first, p.last,
-            self.spec.torch_dtype, self.device,
+            self.spec.torch_dtype, self.device, self.tp_rank, self.tp, self._link.tp_group if self.tp > 1 else None,
         )
-        if self.tp > 1:
-            self.model = shard_stage(self.model, self.tp_rank, self.tp, self._link.tp_group)
         self.cache = StageCache(
             range(p.layer_start, p.layer_end), self.spec.max_batch, self.spec.max_seq_len,
             self.args.num_kv_heads // self.tp, self.args.head_dim, self.spec.torch_dtype, self.device,

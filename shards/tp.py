@@ -1,6 +1,9 @@
-"""Tensor parallelism inside a stage, applied to a loaded `StageModel` as a transformation.
+"""Tensor parallelism inside a stage, applied to a `StageModel` as a transformation.
 
 Like gpt-fast's tp.py: the model code stays as it is; this rewrites its linears.
+`load_stage` applies it to the stage's model before any weight is read (on the
+meta device), and reads each rank's slices only (`rank_slices`, through
+safetensors' `get_slice`), so a rank never holds more than its share.
 Column-parallel: q/k/v (split by heads, so grouped KV heads stay with their
 queries), gate/up (split by the intermediate dimension; GLM's fused gate_up
 keeps a gate half and an up half per rank). Row-parallel: o_proj and down_proj,
@@ -58,6 +61,42 @@ def check_divisible(args: ModelArgs, tp: int) -> None:
     ):
         if value % tp:
             raise CheckpointError(f"tensor_parallel={tp} does not divide the model's {name}={value}")
+
+
+def rank_slices(name: str, args: ModelArgs, rank: int, tp: int) -> list[tuple[int, slice]] | None:
+    """The parts of parameter `name` that tensor-parallel rank `rank` of `tp` holds, as (dim, slice)
+    pieces concatenated along that dim, in the layout `shard_stage` gives; None: the whole tensor."""
+    if tp == 1 or not name.startswith("layers."):
+        return None
+    module, kind = name.split(".")[-2:]
+    hd, q_per, kv_per = args.head_dim, args.num_heads // tp, args.num_kv_heads // tp
+    i_per, inter = args.intermediate_size // tp, args.intermediate_size
+    q, kv, cols = (slice(rank * n, (rank + 1) * n) for n in (q_per * hd, kv_per * hd, i_per))
+    if module == "q_proj":
+        return [(0, q)]
+    if module in ("k_proj", "v_proj"):
+        return [(0, kv)]
+    if module in ("gate_proj", "up_proj"):
+        return [(0, cols)]
+    if module == "gate_up_proj":  # a gate half and an up half per rank
+        return [(0, cols), (0, slice(inter + cols.start, inter + cols.stop))]
+    if kind == "weight" and module == "o_proj":
+        return [(1, q)]
+    if kind == "weight" and module == "down_proj":
+        return [(1, cols)]
+    return None  # norms, and the row-parallel linears' biases (added once, after the sum)
+
+
+def rank_numel(name: str, shape: tuple[int, ...], args: ModelArgs, rank: int, tp: int) -> int:
+    """Elements of parameter `name` (whole shape `shape`) that rank `rank` of `tp` holds."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    pieces = rank_slices(name, args, rank, tp)
+    if pieces is None:
+        return numel
+    dim = pieces[0][0]
+    return numel // shape[dim] * sum(s.stop - s.start for _, s in pieces)
 
 
 def shard_stage(model: StageModel, rank: int, tp: int, group: dist.ProcessGroup) -> StageModel:
