@@ -101,10 +101,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     control_plane = {"registry_ok": cp.registry_ok, "registry_error": cp.registry_error,
                      "monitor_stalls": cp.monitor_stalls}
     if args.json:
-        print(json.dumps({"epoch": status.epoch, "standbys": status.standbys, "replicas": replicas,
-                          "failovers": failovers, "control_plane": control_plane}))
+        print(json.dumps({"epoch": status.epoch, "dtype": status.dtype, "standbys": status.standbys,
+                          "replicas": replicas, "failovers": failovers, "control_plane": control_plane}))
         return 0
-    print(f"epoch {status.epoch}, {len(replicas)} replicas, {status.standbys} standby")
+    print(f"epoch {status.epoch}, {len(replicas)} replicas, {status.standbys} standby, {status.dtype or 'float32'}")
     if not cp.registry_ok:
         print(f"  registry degraded: {cp.registry_error} (serving goes on; the state is saved once it answers)")
     for r in replicas:

@@ -263,6 +263,7 @@ def run(settings: ChaosSettings, address: str | None = None, token: str | None =
     pool = make_pool(settings.pool, settings.seed, settings.sampled_fraction, list(settings.prompts) or None)
     say(f"references: {len(pool)} requests answered before any fault…", flush=True)
     with Client(settings.target, token=token, retries=20) as client:
+        dtype = client.status().dtype or "float32"  # what the output check may promise (chaos_report)
         expected = references(client, pool, settings.load.max_new_tokens)
     started_at = time.time()
     chaos_run.t0 = time.monotonic()
@@ -291,7 +292,7 @@ def run(settings: ChaosSettings, address: str | None = None, token: str | None =
     record = {
         "version": 1, "started_at": started_at, "target": settings.target,
         "settings": {**asdict(settings), "report": str(settings.report)},
-        "load_start": 0.0, "faults_start": faults_start, "faults_end": faults_end, "load_end": chaos_run.now(),
+        "dtype": dtype, "load_start": 0.0, "faults_start": faults_start, "faults_end": faults_end, "load_end": chaos_run.now(),
         "faults": chaos_run.faults, "requests": sorted(load.records, key=lambda r: r["t_start"]),
         "restarted_nodes": [p.pid for p in chaos_run.restarted],
         "pool": [{"prompt": list(e.prompt) if isinstance(e.prompt, tuple) else e.prompt, "sampling": e.sampling,

@@ -84,6 +84,7 @@ def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
         vnodes=cfg.routing.vnodes,
         auth_token=auth_token(cfg),
         max_health_watches=min(cfg.server.max_health_watches, cfg.server.max_ongoing_requests - 1),
+        dtype=cfg.model.dtype,
         takeover=Takeover(
             max_retries=cfg.failover.takeover.max_retries,
             retry_interval_s=cfg.failover.takeover.retry_interval_s,

@@ -6,6 +6,7 @@
 | `Unauthenticated` | UNAUTHENTICATED |
 | `Overloaded` (every replica's queue full) | RESOURCE_EXHAUSTED |
 | `NoReplica` (incl. `Fenced`), `ReplicaFailed`, a dead actor | UNAVAILABLE |
+| `NonFiniteLogits` (the request's logits were NaN or infinite; not resumed: any replica computes the same) | INTERNAL |
 | anything else | INTERNAL |
 """
 

@@ -90,6 +90,7 @@ class CoordinatorSettings:
     watch_timeout_s: float = 10.0
     max_health_watches: int = 64  # Watch streams held open at once; each holds a call slot while it lasts
     takeover: Takeover = Takeover()
+    dtype: str = "float32"  # what the replicas compute in (model.dtype), reported by ClusterStatus
 
 
 @dataclass
@@ -361,7 +362,7 @@ class Coordinator:
                 *(asyncio.wait_for(_head_stats(m), 5.0) for m in membership.members),
                 return_exceptions=True,
             )
-            out = admin_pb2.ClusterStatusResponse(epoch=membership.epoch)
+            out = admin_pb2.ClusterStatusResponse(epoch=membership.epoch, dtype=self.settings.dtype)
             if isinstance(standbys, list):
                 out.standbys = len(standbys)
             if isinstance(health, dict):

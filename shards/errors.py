@@ -45,6 +45,12 @@ class DoesNotFit(ShardsError):
     anything is allocated, with the numbers and the settings that would make it fit."""
 
 
+class NonFiniteLogits(ShardsError):
+    """The model's logits for a request were NaN or infinite (a float16 overflow, a broken weight):
+    that request ends with this error instead of a token drawn from them; the replica and the other
+    requests go on. Another replica would compute the same, so it is not resumed elsewhere."""
+
+
 class ReplicaFailed(ShardsError):
     """A pipeline replica lost a stage or its transport; its requests cannot finish there."""
 

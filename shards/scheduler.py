@@ -45,6 +45,10 @@ class TokenEvent:
     token: int | None
     finish_reason: str | None = None
     queued_s: float | None = None
+    error: str | None = None  # set with finish_reason "error": why the request cannot go on
+
+
+NON_FINITE = -1  # the last stage's "token" for a row whose logits were not finite
 
 
 @dataclass
@@ -245,6 +249,13 @@ class Scheduler:
             if seq is None:  # cancelled while in flight
                 continue
             seq.awaiting_token = False
+            if token == NON_FINITE:  # its slot's KV may hold NaNs too: freed, never kept as a prefix
+                del self.running[rid]
+                self.slots.release(seq.slot)
+                events.append(TokenEvent(rid, None, "error", error=(
+                    f"the model's logits at position {len(seq.tokens)} are NaN or infinite (an overflow in "
+                    f"this precision, or a broken weight); the request cannot go on")))
+                continue
             seq.tokens.append(token)
             seq.generated += 1
             reason = None

@@ -30,12 +30,19 @@ import psutil
 import torch
 
 from shards.checkpoint import load_stage, stage_shapes
-from shards.errors import DoesNotFit, Overloaded, ReplicaFailed, RequestError, ShardsError
+from shards.errors import (
+    DoesNotFit,
+    NonFiniteLogits,
+    Overloaded,
+    ReplicaFailed,
+    RequestError,
+    ShardsError,
+)
 from shards.kv import StageCache
 from shards.model import ModelArgs, StageModel
 from shards.partition import StagePlan
 from shards.sampling import sample
-from shards.scheduler import GenerationRequest, MicroBatch, Scheduler, TokenEvent
+from shards.scheduler import NON_FINITE, GenerationRequest, MicroBatch, Scheduler, TokenEvent
 from shards.spec import ReplicaSpec
 from shards.tp import rank_numel
 from shards.transport import Header, Kind, PipeLink, open_rendezvous
@@ -308,7 +315,14 @@ class Stage:
         if not idx:
             return []
         rows = [header.rows[i] for i in idx]
-        return sample(logits[idx].cpu(), [r.params for r in rows], [r.position for r in rows])
+        picked = logits[idx]
+        finite = torch.isfinite(picked).all(dim=-1).tolist()  # a NaN row must not reach the sampler
+        if all(finite):
+            return sample(picked.cpu(), [r.params for r in rows], [r.position for r in rows])
+        keep = [i for i, ok in enumerate(finite) if ok]
+        drawn = iter(sample(picked[keep].cpu(), [rows[i].params for i in keep], [rows[i].position for i in keep])
+                     if keep else [])
+        return [next(drawn) if ok else NON_FINITE for ok in finite]
 
     def _handle(self, cmd: object) -> bool:
         """Apply one inbox command; False means stop."""
@@ -332,7 +346,7 @@ class Stage:
             self.tokens_out += ev.token is not None
             sink = self._sinks.get(ev.request_id)
             if sink:
-                sink(ev)
+                sink(NonFiniteLogits(f"{self.name}: {ev.error}") if ev.error else ev)
             if ev.finish_reason:
                 self._sinks.pop(ev.request_id, None)
 

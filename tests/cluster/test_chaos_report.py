@@ -248,3 +248,19 @@ def test_a_fault_with_nothing_to_detect_says_why(tmp_path):
     assert "no pipeline touched (Serve replaces the coordinator)" in lines["kill-coordinator@- 40.0"]
     assert "not detected" in lines["kill-node@- 70.0"]
     assert "detected after 0.25 s" in lines["kill-node@- 100.0"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_in_half_precision_a_differing_output_is_reported_not_a_violation(dtype, tmp_path):
+    """Below float32 a resume promises no token repeated or lost, not the same continuation."""
+    rec = clean_record()
+    rec["dtype"] = dtype
+    rec["requests"][3].update(mismatch=True)
+    assert violations(rec) == []
+    write_report(rec, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "1 request returned output differing from the failure-free reference" in text and dtype in text
+    rec["requests"][4].update(lost=1)  # lost tokens still break it
+    assert len(violations(rec)) == 1
+    rec["dtype"] = "float32"
+    assert len(violations(rec)) == 2

@@ -491,7 +491,9 @@ def test_cli_generate_and_status(service, service_checkpoint):
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "max_new_tokens" in bad.stderr
     status = _cli("status", "--target", service.target, "--json")
     assert status.returncode == 0, status.stderr
-    replicas = json.loads(status.stdout.strip().splitlines()[-1])["replicas"]
+    answer = json.loads(status.stdout.strip().splitlines()[-1])
+    replicas = answer["replicas"]
+    assert answer["dtype"] == "float32"  # the session service's model.dtype (the default)
     assert len(replicas) == REPLICAS and all(r["state"] == "serving" for r in replicas)
     down = _cli("status", "--target", "127.0.0.1:1")
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr

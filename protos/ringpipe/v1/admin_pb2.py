@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ringpipe/v1/admin.proto\x12\x0bringpipe.v1\"\x16\n\x14\x43lusterStatusRequest\"\xc2\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.ringpipe.v1.ReplicaStatus\x12(\n\tfailovers\x18\x03 \x03(\x0b\x32\x15.ringpipe.v1.Failover\x12\x10\n\x08standbys\x18\x04 \x01(\r\x12\x30\n\rcontrol_plane\x18\x05 \x01(\x0b\x32\x19.ringpipe.v1.ControlPlane\"S\n\x0c\x43ontrolPlane\x12\x13\n\x0bregistry_ok\x18\x01 \x01(\x08\x12\x16\n\x0eregistry_error\x18\x02 \x01(\t\x12\x16\n\x0emonitor_stalls\x18\x03 \x01(\x04\"\x8e\x01\n\x08\x46\x61ilover\x12\x11\n\tat_unix_s\x18\x01 \x01(\x01\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08silent_s\x18\x05 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x1a\n\x12restored_at_unix_s\x18\x07 \x01(\x01\"\xdd\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.ringpipe.v1.ReplicaState\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ringpipe.v1.StageStatus\x12\x12\n\nring_share\x18\x05 \x01(\x01\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x12\n\nfree_slots\x18\x08 \x01(\r\x12\x13\n\x0btotal_slots\x18\t \x01(\r\x12\x17\n\x0f\x63\x61\x63hed_prefixes\x18\n \x01(\r\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12\x15\n\rweight_reason\x18\x0c \x01(\t\x12\x15\n\rreused_tokens\x18\r \x01(\x04\x12\x19\n\x11shares_nodes_with\x18\x0e \x03(\t\"f\n\x0bStageStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r*\xb2\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x12\x18\n\x14REPLICA_STATE_PAUSED\x10\x05\x32_\n\x05\x41\x64min\x12V\n\rClusterStatus\x12!.ringpipe.v1.ClusterStatusRequest\x1a\".ringpipe.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17ringpipe/v1/admin.proto\x12\x0bringpipe.v1\"\x16\n\x14\x43lusterStatusRequest\"\xd1\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12,\n\x08replicas\x18\x02 \x03(\x0b\x32\x1a.ringpipe.v1.ReplicaStatus\x12(\n\tfailovers\x18\x03 \x03(\x0b\x32\x15.ringpipe.v1.Failover\x12\x10\n\x08standbys\x18\x04 \x01(\r\x12\x30\n\rcontrol_plane\x18\x05 \x01(\x0b\x32\x19.ringpipe.v1.ControlPlane\x12\r\n\x05\x64type\x18\x06 \x01(\t\"S\n\x0c\x43ontrolPlane\x12\x13\n\x0bregistry_ok\x18\x01 \x01(\x08\x12\x16\n\x0eregistry_error\x18\x02 \x01(\t\x12\x16\n\x0emonitor_stalls\x18\x03 \x01(\x04\"\x8e\x01\n\x08\x46\x61ilover\x12\x11\n\tat_unix_s\x18\x01 \x01(\x01\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08silent_s\x18\x05 \x01(\x01\x12\x0e\n\x06\x61\x63tion\x18\x06 \x01(\t\x12\x1a\n\x12restored_at_unix_s\x18\x07 \x01(\x01\"\xdd\x02\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.ringpipe.v1.ReplicaState\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.ringpipe.v1.StageStatus\x12\x12\n\nring_share\x18\x05 \x01(\x01\x12\x11\n\tin_flight\x18\x06 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x12\n\nfree_slots\x18\x08 \x01(\r\x12\x13\n\x0btotal_slots\x18\t \x01(\r\x12\x17\n\x0f\x63\x61\x63hed_prefixes\x18\n \x01(\r\x12\x0e\n\x06weight\x18\x0b \x01(\x01\x12\x15\n\rweight_reason\x18\x0c \x01(\t\x12\x15\n\rreused_tokens\x18\r \x01(\x04\x12\x19\n\x11shares_nodes_with\x18\x0e \x03(\t\"f\n\x0bStageStatus\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r*\xb2\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x12\x18\n\x14REPLICA_STATE_PAUSED\x10\x05\x32_\n\x05\x41\x64min\x12V\n\rClusterStatus\x12!.ringpipe.v1.ClusterStatusRequest\x1a\".ringpipe.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.ringpipe.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REPLICASTATE']._serialized_start=948
-  _globals['_REPLICASTATE']._serialized_end=1126
+  _globals['_REPLICASTATE']._serialized_start=963
+  _globals['_REPLICASTATE']._serialized_end=1141
   _globals['_CLUSTERSTATUSREQUEST']._serialized_start=40
   _globals['_CLUSTERSTATUSREQUEST']._serialized_end=62
   _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=65
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=259
-  _globals['_CONTROLPLANE']._serialized_start=261
-  _globals['_CONTROLPLANE']._serialized_end=344
-  _globals['_FAILOVER']._serialized_start=347
-  _globals['_FAILOVER']._serialized_end=489
-  _globals['_REPLICASTATUS']._serialized_start=492
-  _globals['_REPLICASTATUS']._serialized_end=841
-  _globals['_STAGESTATUS']._serialized_start=843
-  _globals['_STAGESTATUS']._serialized_end=945
-  _globals['_ADMIN']._serialized_start=1128
-  _globals['_ADMIN']._serialized_end=1223
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=274
+  _globals['_CONTROLPLANE']._serialized_start=276
+  _globals['_CONTROLPLANE']._serialized_end=359
+  _globals['_FAILOVER']._serialized_start=362
+  _globals['_FAILOVER']._serialized_end=504
+  _globals['_REPLICASTATUS']._serialized_start=507
+  _globals['_REPLICASTATUS']._serialized_end=856
+  _globals['_STAGESTATUS']._serialized_start=858
+  _globals['_STAGESTATUS']._serialized_end=960
+  _globals['_ADMIN']._serialized_start=1143
+  _globals['_ADMIN']._serialized_end=1238
 # @@protoc_insertion_point(module_scope)

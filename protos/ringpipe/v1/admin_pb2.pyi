@@ -27,18 +27,20 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("epoch", "replicas", "failovers", "standbys", "control_plane")
+    __slots__ = ("epoch", "replicas", "failovers", "standbys", "control_plane", "dtype")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     STANDBYS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_PLANE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     failovers: _containers.RepeatedCompositeFieldContainer[Failover]
     standbys: int
     control_plane: ControlPlane
-    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ..., standbys: _Optional[int] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, epoch: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., failovers: _Optional[_Iterable[_Union[Failover, _Mapping]]] = ..., standbys: _Optional[int] = ..., control_plane: _Optional[_Union[ControlPlane, _Mapping]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ControlPlane(_message.Message):
     __slots__ = ("registry_ok", "registry_error", "monitor_stalls")
