@@ -189,6 +189,8 @@ class Stage:
             "weight_bytes": weights,
             "kv_bytes": self.cache.nbytes() if self.cache else 0,
             "loaded_rss_bytes": self.loaded_rss_bytes,
+            # what the GPU holds for this process (tensors, not the caching allocator's spare)
+            "device_bytes": torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0,
         }
 
     @property
