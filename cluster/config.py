@@ -60,6 +60,8 @@ class PipelineConfig(_Strict):
     prefill_chunk: int = Field(128, ge=1, description="prompts longer than this are prefilled in chunks")
     prefix_cache: bool = Field(True, description="reuse a finished sequence's KV for a prompt extending it")
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
+    tp_engine: Literal["native", "deepspeed"] = Field(
+        "native", description="tensor-parallel layers: ours (shards/tp.py) or DeepSpeed's (needs deepspeed installed)")
     cpus_per_stage: float = Field(1.0, gt=0)
     torch_threads: int = Field(0, ge=0, description="torch threads per stage; 0 = cores / stages")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -264,6 +266,7 @@ class RingpipeConfig(_Strict):
             dtype=self.model.dtype,
             device=self.model.device,
             tensor_parallel=p.tensor_parallel,
+            tp_engine=p.tp_engine,
             torch_threads=p.torch_threads,
             cpus_per_stage=p.cpus_per_stage,
             transport_timeout_s=t.timeout_s,

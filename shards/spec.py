@@ -21,6 +21,7 @@ class ReplicaSpec:
     dtype: str = "float32"
     device: str = "cpu"  # "cpu" or "cuda"
     tensor_parallel: int = 1
+    tp_engine: str = "native"  # "native" (shards/tp.py) or "deepspeed" (DeepSpeed's tensor-parallel layers)
     torch_threads: int = 0  # 0: this node's cores divided among the stages
     cpus_per_stage: float = 1.0
     transport_timeout_s: float = 10.0

@@ -44,7 +44,7 @@ from shards.partition import StagePlan
 from shards.sampling import sample
 from shards.scheduler import NON_FINITE, GenerationRequest, MicroBatch, Scheduler, TokenEvent
 from shards.spec import ReplicaSpec
-from shards.tp import rank_numel
+from shards.tp import rank_numel, use_deepspeed
 from shards.transport import Header, Kind, PipeLink, open_rendezvous
 
 Sink = Callable[[TokenEvent | BaseException], None]
@@ -174,6 +174,8 @@ class Stage:
             self.spec.model_dir, self.args, p.layer_start, p.layer_end, p.first, p.last,
             self.spec.torch_dtype, self.device, self.tp_rank, self.tp, self._link.tp_group if self.tp > 1 else None,
         )
+        if self.tp > 1 and self.spec.tp_engine == "deepspeed":
+            self.model = use_deepspeed(self.model, self._link.tp_group, self.spec.backend)
         self.cache = StageCache(
             range(p.layer_start, p.layer_end), self.spec.max_batch, self.spec.max_seq_len,
             self.args.num_kv_heads // self.tp, self.args.head_dim, self.spec.torch_dtype, self.device,
@@ -264,6 +266,9 @@ class Stage:
             "cached_prefixes": len(s.cached),
             "reused_tokens": s.reused_tokens,
             "rss_bytes": psutil.Process().memory_info().rss,
+            # the class computing a row-parallel linear: which tensor-parallel engine runs (None: no layers)
+            "row_layer": next((type(d.self_attn.o_proj).__name__ for d in self.model.layers.values()), None)
+            if self.model else None,
             **self.memory(),
         }
 

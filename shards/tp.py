@@ -11,11 +11,22 @@ whose partial products are summed over the tensor-parallel group. Embedding,
 norms and LM head are replicated. Every rank ends with the same hidden states,
 so only the stage's leader (tp rank 0) talks to the neighbouring stages.
 
-Why not DeepSpeed AutoTP: measured on DeepSpeed 0.19.8 with its CPU accelerator
-and Gloo, `init_inference` with an injection policy for `DecoderLayer` made both
-ranks segfault in the first forward (its shared-memory all-reduce op), so it
-could not be tested on the machines this project has; this module runs on Gloo
-(CPU) and NCCL (GPU) alike and is checked token for token against transformers.
+Two engines (`pipeline.tp_engine`) compute the split layers. "native": ours,
+below (`RowParallelLinear` sums with `torch.distributed.all_reduce`).
+"deepspeed" (`use_deepspeed`): DeepSpeed's tensor-parallel layers, `LinearLayer`
+for the column-parallel linears and `LinearAllreduce` for the row-parallel ones
+(its inference all-reduce through `deepspeed.comm`, over the stage's group),
+holding the same slices. The split itself stays ours: DeepSpeed's AutoTP
+parser finds only `nn.ModuleList` layers (ours are keyed by global index), it
+splits k/v wrongly under GQA unless the head counts are on a config it reads,
+and a row split of GLM's fused gate_up would mix gate and up rows; and
+`init_inference` builds its group from ranks 0..tp-1, wrong for every stage but
+the first. Measured on DeepSpeed 0.19.8 with its CPU accelerator: its
+shared-memory all-reduce sets up its buffers only under DeepSpeed's launcher
+and segfaults otherwise, so `use_deepspeed` turns that op off before first use
+(`__compatible_ops__["deepspeed_shm_comm"] = False`; upstream tracks a fallback,
+deepspeedai/DeepSpeed#7625): all-reduce then runs on torch.distributed, Gloo on
+CPU, NCCL on GPU.
 """
 
 from __future__ import annotations
@@ -61,6 +72,43 @@ def check_divisible(args: ModelArgs, tp: int) -> None:
     ):
         if value % tp:
             raise CheckpointError(f"tensor_parallel={tp} does not divide the model's {name}={value}")
+
+
+def use_deepspeed(model: StageModel, group: dist.ProcessGroup, backend: str) -> StageModel:
+    """Swap the split linears of a sharded stage (`shard_stage`'s output, weights loaded) for DeepSpeed's
+    tensor-parallel layers holding the same tensors; the function it computes is unchanged."""
+    try:
+        import deepspeed
+        from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+    except ImportError as exc:
+        raise CheckpointError(f"pipeline.tp_engine deepspeed needs DeepSpeed installed on every node "
+                              f"(pip install 'ringpipe[deepspeed]'): {exc}") from None
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module's opening comment
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the process group this process has
+    tp = dist.get_world_size(group)
+
+    def column(linear: nn.Linear) -> nn.Module:  # already this rank's slice: DeepSpeed must not split it
+        return LinearLayer(linear, mp_group=group, skip_partition=True)
+
+    def row(linear: RowParallelLinear) -> nn.Module:
+        out, part = linear.weight.shape
+        whole = nn.Linear(part * tp, out, bias=linear.bias is not None, device="meta")  # its shape, no data
+        layer = LinearAllreduce(whole, group)  # partitions the meta tensors: the shapes of our slice
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    for decoder in model.layers.values():
+        attn, mlp = decoder.self_attn, decoder.mlp
+        attn.q_proj, attn.k_proj, attn.v_proj = (column(attn.q_proj), column(attn.k_proj), column(attn.v_proj))
+        attn.o_proj = row(attn.o_proj)
+        if mlp.fused:
+            mlp.gate_up_proj = column(mlp.gate_up_proj)
+        else:
+            mlp.gate_proj, mlp.up_proj = column(mlp.gate_proj), column(mlp.up_proj)
+        mlp.down_proj = row(mlp.down_proj)
+    return model
 
 
 def rank_slices(name: str, args: ModelArgs, rank: int, tp: int) -> list[tuple[int, slice]] | None:

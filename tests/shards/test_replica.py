@@ -264,12 +264,14 @@ def test_bfloat16_replica(ray_cluster, checkpoints):
     assert len(tokens) == 16 and float(gaps.max()) <= BF16_TIE, gaps.tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "glm", "qwen2"])
-def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arch):
-    """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU) give transformers' tokens;
-    spread over nodes, each stage's ranks on one node (its all-reduces never cross the network)."""
+@pytest.mark.parametrize(("arch", "engine"), [("llama", "native"), ("glm", "native"), ("qwen2", "native"),
+                                             *((arch, "deepspeed") for arch in ("llama", "qwen2", "mistral", "glm"))])
+def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arch, engine):
+    """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU), with our layers or
+    DeepSpeed's, give transformers' tokens (GQA, qwen2's biases, GLM's fused gate_up and partial
+    rotary); spread over nodes, each stage's ranks on one node (its all-reduces never cross the network)."""
     expected = hf_greedy(checkpoints[arch], tuple(PROMPTS[0]), NEW_TOKENS)
-    replica = start_replica(checkpoints[arch], 2, tensor_parallel=2, placement_strategy="SPREAD")
+    replica = start_replica(checkpoints[arch], 2, tensor_parallel=2, placement_strategy="SPREAD", tp_engine=engine)
     try:
         assert len(replica.actors) == 4
         nodes = [n["node_id"] for n in ray_cluster.get([a.node.remote() for a in replica.actors])]  # rank = stage * 2 + t
@@ -278,6 +280,7 @@ def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arc
         follower = replica.stats()[1]
         assert follower["steps"] > 0  # the second rank really computed
         assert follower["weight_bytes"] < replica.plans[0].weight_bytes  # and holds a slice
+        assert follower["row_layer"] == {"native": "RowParallelLinear", "deepspeed": "LinearAllreduce"}[engine]
     finally:
         replica.shutdown()
 
