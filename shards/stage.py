@@ -322,12 +322,12 @@ class Stage:
         if not idx:
             return []
         rows = [header.rows[i] for i in idx]
-        picked = logits[idx]
+        picked = logits[idx].cpu()  # the one transfer per step; checked and sampled on the host
         finite = torch.isfinite(picked).all(dim=-1).tolist()  # a NaN row must not reach the sampler
         if all(finite):
-            return sample(picked.cpu(), [r.params for r in rows], [r.position for r in rows])
+            return sample(picked, [r.params for r in rows], [r.position for r in rows])
         keep = [i for i, ok in enumerate(finite) if ok]
-        drawn = iter(sample(picked[keep].cpu(), [rows[i].params for i in keep], [rows[i].position for i in keep])
+        drawn = iter(sample(picked[keep], [rows[i].params for i in keep], [rows[i].position for i in keep])
                      if keep else [])
         return [next(drawn) if ok else NON_FINITE for ok in finite]
 
