@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", type=Path, help="checkpoint directory (overrides model.path)")
     serve.add_argument("--replicas", type=_positive, default=None, help="pipeline replicas (replicas.count)")
     serve.add_argument("--stages", type=_positive, default=None, help="stages per replica (pipeline.stages)")
+    serve.add_argument("--tensor-parallel", type=_positive, default=None,
+                       help="processes (GPUs) per stage (pipeline.tensor_parallel)")
+    serve.add_argument("--tp-engine", choices=["native", "deepspeed"], default=None,
+                       help="tensor-parallel layers: ours or DeepSpeed's (pipeline.tp_engine)")
     serve.add_argument("--port", type=_positive, default=None, help="gRPC port (server.port)")
     serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     serve.add_argument(
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same tokens")
     run.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
     run.add_argument("--tensor-parallel", type=_positive, default=None, help="processes (GPUs) per stage")
+    run.add_argument("--tp-engine", choices=["native", "deepspeed"], default=None,
+                     help="tensor-parallel layers: ours or DeepSpeed's (pipeline.tp_engine)")
     run.add_argument("--max-batch", type=_positive, default=None, help="KV slots per stage")
     run.add_argument("--max-seq-len", type=_positive, default=None)
     run.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -283,7 +289,7 @@ def _run_config(args: argparse.Namespace) -> RingpipeConfig:
     for key in ("dtype", "device"):
         if getattr(args, key):
             overrides["model"][key] = getattr(args, key)
-    for key in ("stages", "tensor_parallel", "max_batch", "max_seq_len"):
+    for key in ("stages", "tensor_parallel", "tp_engine", "max_batch", "max_seq_len"):
         if getattr(args, key):
             overrides["pipeline"][key] = getattr(args, key)
     if args.config:
@@ -389,8 +395,9 @@ def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
     overrides: dict = {"model": {}, "pipeline": {}, "replicas": {}, "server": {}}
     if args.model:
         overrides["model"] = {"path": str(args.model), "demo": False}
-    if args.stages:
-        overrides["pipeline"]["stages"] = args.stages
+    for key in ("stages", "tensor_parallel", "tp_engine"):
+        if getattr(args, key):
+            overrides["pipeline"][key] = getattr(args, key)
     if args.replicas:
         overrides["replicas"]["count"] = args.replicas
     if args.standby is not None:

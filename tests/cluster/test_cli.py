@@ -56,7 +56,8 @@ def test_run_json_matches_transformers(glm_dir):
 
     prompt = [11, 22, 33, 44, 55]
     result = ringpipe("run", "--model", str(glm_dir), "--stages", "3", "--prompt-ids", ",".join(map(str, prompt)),
-                      "--max-new-tokens", "12", "--ignore-eos", "--json", "--tensor-parallel", "2")
+                      "--max-new-tokens", "12", "--ignore-eos", "--json", "--tensor-parallel", "2",
+                      "--tp-engine", "deepspeed")  # DeepSpeed's layers; test_replica.py has ours
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     model = AutoModelForCausalLM.from_pretrained(glm_dir).eval()
