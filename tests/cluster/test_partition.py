@@ -124,7 +124,7 @@ def check_partition(target: str, address: str, env: dict, expected: dict, tmp_pa
     wait_for(lambda: sum(len(got) > 5 for _, got in load.streams) >= 4, 120, "streams under way")
     chaos = subprocess.run(
         [*CLI, "chaos", "--target", target, "--address", address, "--fault", "partition-node",
-         "--partition", f"{PARTITION_S}s", "--duration", "1s", "--warmup", "3s", "--cooldown", "3s",
+         "--partition", f"{PARTITION_S}s", "--duration", "1s", "--warmup", "1s", "--cooldown", "1s",
          "--pool", "4", "--concurrency", "2", "--max-new-tokens", "24", "--restart-nodes",
          "--report", str(tmp_path / "chaos")],
         capture_output=True, text=True, env=env, timeout=600,
