@@ -23,38 +23,33 @@ def kv_bytes(
 
 @dataclass(frozen=True)
 class SlotBatch:
-    """The slots of a batch's rows, and how to read them: a slice when they are consecutive
+    """The slots of a run of rows, and how to read them: a slice when they are consecutive
     (the common decode case: a view, no copy of the cache), else an index tensor.
-    Built once per forward, not once per layer."""
+    Built from host-side integers once per forward, not once per layer."""
 
     ids: torch.Tensor  # [B]
     read: slice | torch.Tensor
 
     @staticmethod
-    def of(slots: torch.Tensor) -> SlotBatch:
-        first, n = int(slots[0]), slots.numel()
-        consecutive = bool((slots == torch.arange(first, first + n, device=slots.device)).all())
-        return SlotBatch(slots, slice(first, first + n) if consecutive else slots)
+    def of(slots: list[int], device: torch.device | str | None = None) -> SlotBatch:
+        ids = torch.tensor(slots, dtype=torch.int64, device=device)
+        first, n = slots[0], len(slots)
+        consecutive = slots == list(range(first, first + n))
+        return SlotBatch(ids, slice(first, first + n) if consecutive else ids)
 
 
 class LayerCache:
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v  # [n_slots, kv_heads, max_seq_len, head_dim]
 
-    def update(
-        self,
-        slots: SlotBatch | torch.Tensor,  # [B]
-        positions: torch.Tensor,  # [B, T]
-        k: torch.Tensor,  # [B, kv_heads, T, head_dim]
-        v: torch.Tensor,
-        length: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at (slot, position) and return each row's keys/values [B, kv_heads, length, head_dim]."""
-        batch = slots if isinstance(slots, SlotBatch) else SlotBatch.of(slots)
-        rows = batch.ids[:, None]
-        self.k[rows, :, positions] = k.transpose(1, 2)
-        self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k[batch.read, :, :length], self.v[batch.read, :, :length]
+    def write(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store each token's keys/values [N, kv_heads, head_dim] at (its slot, its position), both [N]."""
+        self.k[slots, :, positions] = k
+        self.v[slots, :, positions] = v
+
+    def read(self, slots: SlotBatch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values [B, kv_heads, length, head_dim] of positions 0..length-1 of each slot."""
+        return self.k[slots.read, :, :length], self.v[slots.read, :, :length]
 
 
 class StageCache:

@@ -106,8 +106,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, interleaved: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [B, T, rope_dim] for integer positions [B, T]."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, rope_dim/2]
+    """cos, sin of shape [N, 1, rope_dim] for integer positions [N] (one head axis to broadcast over)."""
+    freqs = positions[:, None, None].float() * inv_freq.to(positions.device)  # [N, 1, rope_dim/2]
     if interleaved:
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
@@ -126,8 +126,7 @@ def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 def apply_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
 ) -> torch.Tensor:
-    """x: [B, heads, T, head_dim]; rotates the first rope_dim features, passes the rest."""
-    cos, sin = cos[:, None], sin[:, None]
+    """x: [N, heads, head_dim], cos/sin [N, 1, rope_dim]; rotates the first rope_dim features, passes the rest."""
     rot_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
     x_rot = x_rot * cos + _rotate(x_rot, interleaved) * sin
@@ -146,31 +145,38 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [B, T, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,  # [B, T]
-        slots: SlotBatch | None,  # the rows' KV slots
-        mask: torch.Tensor,  # [B, 1, T, L] bool, True = may attend
+        x: torch.Tensor,  # [N, hidden]: the micro-batch's tokens, row after row
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [N, 1, rope_dim]
+        packed: Packed,
         cache: LayerCache | None,
     ) -> torch.Tensor:
         a = self.args
-        B, T, _ = x.shape
+        N = x.shape[0]
         # heads are read off the projections, not the config: under tensor
         # parallelism each rank holds a slice of them
-        q = self.q_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, a.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(N, -1, a.head_dim)
+        k = self.k_proj(x).view(N, -1, a.head_dim)
+        v = self.v_proj(x).view(N, -1, a.head_dim)
         cos, sin = rope
         q = apply_rope(q, cos, sin, a.rope_interleaved)
         k = apply_rope(k, cos, sin, a.rope_interleaved)
-        if cache is None:  # training / no-cache forward: positions are 0..T-1
-            keys, values = k, v
-        else:
-            keys, values = cache.update(slots, positions, k, v, length=mask.shape[-1])
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1]
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if cache is not None:
+            cache.write(packed.token_slots, packed.positions, k, v)
+        outs = []
+        for run in packed.runs:
+            n, L = run.rows, run.length
+            span = slice(run.begin, run.begin + n * L)
+            qr = q[span].view(n, L, -1, a.head_dim).transpose(1, 2)  # [n, heads, L, hd]
+            if cache is None:  # training / no-cache forward: each row attends to its own tokens
+                keys = k[span].view(n, L, -1, a.head_dim).transpose(1, 2)
+                values = v[span].view(n, L, -1, a.head_dim).transpose(1, 2)
+            else:
+                keys, values = cache.read(run.slots, run.kv_len)
+            out = F.scaled_dot_product_attention(
+                qr, keys, values, attn_mask=run.mask, enable_gqa=qr.shape[1] != keys.shape[1]
+            )
+            outs.append(out.transpose(1, 2).reshape(n * L, -1))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 class FeedForward(nn.Module):
@@ -201,8 +207,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device)
         self.mlp = FeedForward(args, device)
 
-    def forward(self, x, rope, positions, slots, mask, cache: LayerCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, positions, slots, mask, cache)
+    def forward(self, x, rope, packed: Packed, cache: LayerCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, packed, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,6 +220,65 @@ def attention_mask(positions: torch.Tensor, length: int, window: int | None) -> 
     if window is not None:
         allowed &= keys > q - window
     return allowed
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive rows of one length, attended in one call: flat tokens
+    [begin, begin + rows * length), each row reading keys 0..kv_len-1 of its own slot."""
+
+    begin: int
+    rows: int
+    length: int
+    slots: SlotBatch | None
+    kv_len: int
+    mask: torch.Tensor  # [rows, 1, length, kv_len]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A micro-batch laid out token after token: row r is `lengths[r]` tokens of the sequence in
+    KV slot `slots[r]`, at positions starts[r] onwards. Rows of any lengths share a forward with
+    no padding (a prefill chunk beside decode steps); every matmul runs over all N tokens at once,
+    attention once per run of equal-length rows. Built once per forward from host-side integers,
+    so it costs no device synchronisation."""
+
+    positions: torch.Tensor  # [N]
+    token_slots: torch.Tensor  # [N] each token's slot (where its keys/values are written)
+    runs: tuple[Run, ...]
+    ends: torch.Tensor  # [B] the flat index of each row's last token
+
+    @property
+    def tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @staticmethod
+    def of(
+        slots: list[int], starts: list[int], lengths: list[int], window: int | None, device: Device = None,
+        cached: bool = True,
+    ) -> Packed:
+        positions, token_slots, ends, runs = [], [], [], []
+        r = 0
+        while r < len(lengths):
+            e = r
+            while e + 1 < len(lengths) and lengths[e + 1] == lengths[r]:
+                e += 1
+            L, rows = lengths[r], e - r + 1
+            begin = len(positions)
+            for b in range(r, e + 1):
+                positions.extend(range(starts[b], starts[b] + L))
+                token_slots.extend([slots[b]] * L)
+                ends.append(len(positions) - 1)
+            pos = torch.tensor(positions[begin:], device=device).view(rows, L)
+            kv_len = max(starts[r : e + 1]) + L if cached else L
+            mask = attention_mask(pos if cached else pos - pos[:, :1], kv_len, window)
+            run_slots = SlotBatch.of(slots[r : e + 1], device) if cached else None
+            runs.append(Run(begin, rows, L, run_slots, kv_len, mask))
+            r = e + 1
+        return Packed(
+            torch.tensor(positions, device=device), torch.tensor(token_slots, device=device), tuple(runs),
+            torch.tensor(ends, device=device),
+        )
 
 
 class StageModel(nn.Module):
@@ -248,24 +313,44 @@ class StageModel(nn.Module):
     def forward(
         self,
         inputs: torch.Tensor,  # token ids [B, T] on the first stage, hidden states [B, T, H] after
-        positions: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T], each row consecutive
         slots: torch.Tensor | None,  # [B]
         cache: StageCache | None,
         logits_for_last_only: bool = True,
     ) -> torch.Tensor:
         """Hidden states [B, T, H]; on the last stage, logits [B, V] (or [B, T, V]).
 
-        With cache=None (training) every row attends only to its own tokens, positions 0..T-1.
+        The rectangular form of `forward_packed`, for callers with equal-length rows (training,
+        tests, the in-process model). With cache=None (training) every row attends only to its
+        own tokens, positions 0..T-1.
         """
+        B, T = positions.shape
+        packed = Packed.of(
+            slots.tolist() if slots is not None else [0] * B, positions[:, 0].tolist(), [T] * B,
+            self.args.sliding_window, positions.device, cached=cache is not None,
+        )
+        flat = inputs.reshape(B * T, *inputs.shape[2:])
+        if not self.last:
+            return self.forward_packed(flat, packed, cache).view(B, T, -1)
+        if logits_for_last_only:
+            return self.forward_packed(flat, packed, cache, packed.ends)
+        return self.forward_packed(flat, packed, cache, torch.arange(B * T, device=positions.device)).view(B, T, -1)
+
+    def forward_packed(
+        self,
+        inputs: torch.Tensor,  # token ids [N] on the first stage, hidden states [N, H] after
+        packed: Packed,
+        cache: StageCache | None,
+        logits_at: torch.Tensor | None = None,  # [R] flat indices of the tokens to score (last stage)
+    ) -> torch.Tensor:
+        """Hidden states [N, H]; on the last stage, float32 logits [R, V] of the tokens `logits_at`
+        (only those: the LM head is the largest matmul, and a prompt's other tokens need none)."""
         x = self.embed_tokens(inputs) if self.first else inputs
-        length = int(positions.max()) + 1
-        mask = attention_mask(positions, length, self.args.sliding_window)
-        rope = rope_cos_sin(self.inv_freq, positions, self.args.rope_interleaved, x.dtype)
-        batch = SlotBatch.of(slots) if cache is not None else None
+        rope = rope_cos_sin(self.inv_freq, packed.positions, self.args.rope_interleaved, x.dtype)
         for i, layer in self.layers.items():
-            x = layer(x, rope, positions, batch, mask, cache.layer(int(i)) if cache else None)
+            x = layer(x, rope, packed, cache.layer(int(i)) if cache else None)
         if not self.last:
             return x
-        if logits_for_last_only:
-            x = x[:, -1]
+        if logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.norm(x)).float()

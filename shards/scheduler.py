@@ -1,8 +1,9 @@
 """The head stage's scheduler: continuous batching over static KV slots. Pure Python.
 
-Requests wait for a free KV slot; an admitted sequence is prefilled in chunks of
-at most `prefill_chunk` tokens, then decodes one token per step in batches with
-other sequences. Up to `n_stages` micro-batches are in flight at once so every
+Requests wait for a free KV slot; admitted sequences are prefilled, several
+prompts packed into one micro-batch and long ones split, at most `prefill_chunk`
+prompt tokens per micro-batch, beside the decode steps of sequences already
+generating (one token per step). Up to `n_stages` micro-batches are in flight at once so every
 stage computes; decoding sequences are split into `n_stages` groups for that.
 
 Results come back in the order micro-batches were sent (the pipeline is FIFO),
@@ -74,8 +75,8 @@ class Sequence:
 class MicroBatch:
     mb_id: int
     header: Header
-    input_ids: list[list[int]]  # [B][T]
-    request_ids: tuple[str, ...]
+    input_ids: list[int]  # [N]: every row's tokens, row after row
+    request_ids: tuple[str, ...]  # one per row
 
 
 @dataclass
@@ -191,51 +192,57 @@ class Scheduler:
         return not self.waiting and not self.running and not self.in_flight
 
     def next_microbatch(self) -> MicroBatch | None:
+        """The next micro-batch to send, or None (the pipeline is full, or nothing is ready).
+
+        One micro-batch carries a group of decode steps and, beside them, prompt chunks up to
+        `prefill_chunk` tokens in all (several prompts packed, a long one split): new requests
+        are prefilled without stopping the ones decoding, and the pipeline never idles while a
+        long prompt is prefilled. Decode waits for a full group while others are in flight:
+        sending stragglers alone would split the sequences into ever smaller micro-batches.
+        """
         if len(self.in_flight) >= self.n_stages:
             return None
         self._admit()
-        prefill = next((s for s in self.running.values() if not s.decoding), None)
         ready = [s for s in self.running.values() if s.decoding and not s.awaiting_token]
-        # Prefill first: new sequences join the decode batch as soon as possible, so
-        # decode steps run full (alternating made batches climb a staircase).
-        # Decode waits for a full group while others are in flight: sending
-        # stragglers alone would split the sequences into ever smaller micro-batches.
-        can_decode = bool(ready) and (len(ready) >= self._group_size() or not self.in_flight)
-        if prefill:
-            mb = self._prefill(prefill)
-        elif can_decode:
-            mb = self._decode(ready)
-        else:
+        group = self._group_size()
+        decode = ready[:group] if ready and (len(ready) >= group or not self.in_flight) else []
+        rows, inputs, ids = [], [], []
+        for seq in decode:
+            seq.awaiting_token = True
+            rows.append(self._row(seq, len(seq.tokens) - 1, 1, True))
+            inputs.append(seq.tokens[-1])
+            ids.append(seq.request.request_id)
+        budget = self.prefill_chunk
+        chunks = []
+        for seq in self.running.values():
+            if budget <= 0:
+                break
+            if seq.decoding:
+                continue
+            start = seq.prefill_sent
+            n = min(seq.prompt_len - start, budget)
+            seq.prefill_sent += n
+            budget -= n
+            seq.awaiting_token = seq.decoding
+            chunks.append((seq, start, n))
+        if not rows and not chunks:
             return None
+        # equal lengths side by side: the model attends to each run of them in one call
+        for seq, start, n in sorted(chunks, key=lambda c: -c[2]):
+            rows.append(self._row(seq, start, n, seq.decoding))
+            inputs.extend(seq.tokens[start : start + n])
+            ids.append(seq.request.request_id)
+        header = Header(Kind.DATA, next(self._ids), len(inputs), tuple(rows))
+        mb = MicroBatch(header.mb_id, header, inputs, tuple(ids))
         self.in_flight.append(mb)
         return mb
 
     def _row(self, seq: Sequence, start: int, n: int, sample: bool) -> RowMeta:
-        return RowMeta(seq.slot, start, sample, start + n, seq.request.sampling)
-
-    def _prefill(self, seq: Sequence) -> MicroBatch:
-        start = seq.prefill_sent
-        chunk = seq.tokens[start : min(seq.prompt_len, start + self.prefill_chunk)]
-        seq.prefill_sent += len(chunk)
-        last = seq.decoding
-        seq.awaiting_token = last
-        header = Header(Kind.DATA, next(self._ids), len(chunk), (self._row(seq, start, len(chunk), last),))
-        return MicroBatch(header.mb_id, header, [chunk], (seq.request.request_id,))
+        return RowMeta(seq.slot, start, sample, start + n, seq.request.sampling, n)
 
     def _group_size(self) -> int:
         n_decoding = sum(1 for s in self.running.values() if s.decoding)
         return max(1, -(-n_decoding // self.n_stages))  # ceil: one group per stage
-
-    def _decode(self, ready: list[Sequence]) -> MicroBatch:
-        chosen = ready[: self._group_size()]
-        rows = []
-        for seq in chosen:
-            seq.awaiting_token = True
-            rows.append(self._row(seq, len(seq.tokens) - 1, 1, True))
-        header = Header(Kind.DATA, next(self._ids), 1, tuple(rows))
-        return MicroBatch(
-            header.mb_id, header, [[s.tokens[-1]] for s in chosen], tuple(s.request.request_id for s in chosen)
-        )
 
     # -- results
     def on_result(self, mb_id: int, tokens: list[int]) -> list[TokenEvent]:

@@ -4,7 +4,7 @@ Every replica has its own process group (Gloo on CPU, NCCL on CUDA) whose
 rendezvous is a TCPStore opened by stage 0 on a free port of its node. Messages:
 
 - stage i -> i+1: a fixed-size int64 header (`Header`), then, for data, the
-  activations [B, T, H] whose shape the header gives;
+  activations [N, H] of the micro-batch's N tokens, row after row (`shards.model.Packed`);
 - last stage -> stage 0: a fixed-size int64 result (mb id, batch size, tokens).
 
 The results travel on a process group of their own (the head and the last
@@ -64,7 +64,7 @@ class Kind(enum.IntEnum):
 
 _FIXED = 4  # kind, mb_id, batch, seq_len
 _SEND_WINDOW = 16  # sends kept in flight per stage before the oldest is waited on
-_PER_ROW = 8  # slot, start, sample, seed, top_k, position, temperature bits, top_p bits
+_PER_ROW = 9  # slot, start, sample, seed, top_k, position, temperature bits, top_p bits, length
 
 
 def _f2i(x: float) -> int:
@@ -89,13 +89,14 @@ class RowMeta:
     sample: bool  # does the last stage sample a token for this row?
     position: int  # absolute position of the token to sample
     params: SamplingParams
+    length: int = 1  # the row's tokens in this micro-batch (a decode step: 1)
 
 
 @dataclass(frozen=True)
 class Header:
     kind: Kind
     mb_id: int
-    seq_len: int
+    tokens: int  # N: every row's tokens together
     rows: tuple[RowMeta, ...] = ()
 
     @staticmethod
@@ -105,29 +106,25 @@ class Header:
     def pack(self, max_batch: int) -> torch.Tensor:
         if len(self.rows) > max_batch:
             raise ValueError(f"micro-batch of {len(self.rows)} rows exceeds max_batch={max_batch}")
-        values = [int(self.kind), self.mb_id, len(self.rows), self.seq_len]
+        values = [int(self.kind), self.mb_id, len(self.rows), self.tokens]
         for r in self.rows:
             p = r.params
-            values += [r.slot, r.start, int(r.sample), _u2i(p.seed), p.top_k, r.position, _f2i(p.temperature), _f2i(p.top_p)]
+            values += [r.slot, r.start, int(r.sample), _u2i(p.seed), p.top_k, r.position, _f2i(p.temperature),
+                       _f2i(p.top_p), r.length]
         values += [0] * (Header.size(max_batch) - len(values))
         return torch.tensor(values, dtype=torch.int64)
 
     @staticmethod
     def unpack(t: torch.Tensor) -> Header:
         v = t.tolist()
-        kind, mb_id, batch, seq_len = v[:_FIXED]
+        kind, mb_id, batch, tokens = v[:_FIXED]
         rows = []
         for b in range(batch):
-            slot, start, samp, seed, top_k, position, temp, top_p = v[_FIXED + _PER_ROW * b : _FIXED + _PER_ROW * (b + 1)]
+            slot, start, samp, seed, top_k, position, temp, top_p, length = v[
+                _FIXED + _PER_ROW * b : _FIXED + _PER_ROW * (b + 1)]
             params = SamplingParams(temperature=_i2f(temp), top_k=top_k, top_p=_i2f(top_p), seed=seed % 2**64)
-            rows.append(RowMeta(slot, start, bool(samp), position, params))
-        return Header(Kind(kind), mb_id, seq_len, tuple(rows))
-
-    def positions(self) -> torch.Tensor:
-        return torch.tensor([[r.start + t for t in range(self.seq_len)] for r in self.rows], dtype=torch.int64)
-
-    def slots(self) -> torch.Tensor:
-        return torch.tensor([r.slot for r in self.rows], dtype=torch.int64)
+            rows.append(RowMeta(slot, start, bool(samp), position, params, length))
+        return Header(Kind(kind), mb_id, tokens, tuple(rows))
 
 
 def pack_result(mb_id: int, tokens: list[int], max_batch: int) -> torch.Tensor:
@@ -266,7 +263,7 @@ class PipeLink:
         header = Header.unpack(self._broadcast(torch.empty(self._header_len, dtype=torch.int64)).cpu())
         if header.kind != Kind.DATA:
             return header, None
-        shape = (len(header.rows), header.seq_len) + (() if first else (hidden_size,))
+        shape = (header.tokens,) + (() if first else (hidden_size,))
         return header, self._broadcast(torch.empty(shape, dtype=torch.int64 if first else dtype))
 
     def send_forward(self, header: Header, payload: torch.Tensor | None) -> None:
@@ -280,7 +277,7 @@ class PipeLink:
         header = Header.unpack(self._recv((self._header_len,), torch.int64, prev).cpu())
         if header.kind != Kind.DATA:
             return header, None
-        payload = self._recv((len(header.rows), header.seq_len, hidden_size), dtype, prev)
+        payload = self._recv((header.tokens, hidden_size), dtype, prev)
         return header, payload
 
     def send_result(self, mb_id: int, tokens: list[int]) -> None:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shards.kv import LayerCache, SlotAllocator, StageCache, kv_bytes
+from shards.kv import LayerCache, SlotAllocator, SlotBatch, StageCache, kv_bytes
 
 
 def test_allocator_hands_out_distinct_slots_until_full() -> None:
@@ -85,6 +85,17 @@ def brute_force_update(cache_k, cache_v, slots, positions, k, v):
     return k_out, v_out
 
 
+def write_rows(layer: LayerCache, slots: list[int], positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [B, kv_heads, T, head_dim] at positions [B, T], written token by token as a packed forward
+    does (each token with its row's slot), then read back for every row."""
+    B, kv_heads, T, head_dim = k.shape
+    token_slots = torch.tensor(slots).repeat_interleave(T)
+    flat = lambda t: t.transpose(1, 2).reshape(B * T, kv_heads, head_dim)  # noqa: E731
+    layer.write(token_slots, positions.reshape(-1), flat(k), flat(v))
+    return layer.read(SlotBatch.of(slots), length)
+
+
 @pytest.mark.parametrize(
     ("slots", "starts", "T"),
     [
@@ -111,7 +122,7 @@ def test_layer_cache_update_writes_at_slot_and_position(
     length = int(positions.max()) + 1
 
     layer = LayerCache(cache_k.clone(), cache_v.clone())
-    keys, values = layer.update(torch.tensor(slots), positions, k, v, length=length)
+    keys, values = write_rows(layer, slots, positions, k, v, length)
 
     torch.testing.assert_close(layer.k, expected_k, atol=0, rtol=0)
     torch.testing.assert_close(layer.v, expected_v, atol=0, rtol=0)
@@ -126,7 +137,7 @@ def test_stage_cache_keeps_layers_apart_by_global_index() -> None:
         range(3, 6), n_slots=2, max_seq_len=8, kv_heads=1, head_dim=2, dtype=torch.float32
     )
     k = torch.ones(1, 1, 1, 2)
-    cache.layer(4).update(torch.tensor([1]), torch.tensor([[5]]), k, 2 * k, length=6)
+    write_rows(cache.layer(4), [1], torch.tensor([[5]]), k, 2 * k, 6)
     assert cache.layer(4).k.sum() == 2 and cache.layer(4).v.sum() == 4
     for other in (3, 5):
         assert cache.layer(other).k.abs().sum() == 0 and cache.layer(other).v.abs().sum() == 0
@@ -173,7 +184,7 @@ def test_layer_cache_update_matches_brute_force(write, seed: int) -> None:
     length = int(positions.max()) + 1
 
     layer = LayerCache(cache_k, cache_v)
-    keys, values = layer.update(torch.tensor(slots), positions, k, v, length=length)
+    keys, values = write_rows(layer, slots, positions, k, v, length)
 
     assert torch.equal(layer.k, expected_k) and torch.equal(layer.v, expected_v)
     assert torch.equal(keys, expected_k[slots, :, :length])

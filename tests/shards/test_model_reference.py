@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from shards.checkpoint import load_stage, read_model_args
 from shards.create import RandomModelSpec, hf_config, random_tensors, write_checkpoint
 from shards.inprocess import InProcessModel
+from shards.model import Packed
 from shards.sampling import SamplingParams
 
 NEW_TOKENS = 24
@@ -145,6 +146,33 @@ def test_batched_prompts_of_different_lengths_match_each_alone(reference: Refere
     expected = [reference_greedy(reference.model, p, n) for p in prompts]
     model = InProcessModel(reference.model_dir, n_stages=2, n_slots=4, max_seq_len=64)
     assert model.generate(prompts, n) == expected
+
+
+@pytest.mark.parametrize("n_stages", [1, 2])
+def test_packed_rows_of_mixed_lengths_match_transformers(reference: Reference, n_stages: int) -> None:
+    """One forward over rows of different lengths laid end to end (prompt chunks beside decode
+    steps, as the scheduler packs them): each row's logits are transformers' for its own sequence."""
+    model = InProcessModel(reference.model_dir, n_stages=n_stages, n_slots=4, max_seq_len=64)
+    a, b, c = PROMPT, PROMPT[2:9] + [250, 17], PROMPT[:3] + [11, 222]
+
+    def forward(rows: list[tuple[int, list[int], int, int]]) -> torch.Tensor:
+        """rows: (slot, sequence, start, length); logits [rows, V] of each row's last token."""
+        packed = Packed.of([r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                           model.args.sliding_window)
+        x = torch.tensor([t for _, seq, start, n in rows for t in seq[start : start + n]])
+        with torch.inference_mode():
+            for stage, cache in zip(model.stages, model.caches, strict=True):
+                x = stage.forward_packed(x, packed, cache, packed.ends if stage.last else None)
+        return x
+
+    # a's first chunk beside b's and c's prompts; then a's second chunk beside two decode steps each
+    first = forward([(0, a, 0, 5), (1, b, 0, 7), (2, c, 0, 3)])
+    second = forward([(1, b, 7, 1), (2, c, 3, 1), (0, a, 5, 7)])
+    third = forward([(2, c, 4, 1), (1, b, 8, 1)])
+    expected = [(a, 4), (b, 6), (c, 2), (b, 7), (c, 3), (a, 11), (c, 4), (b, 8)]
+    got = torch.cat([first, second, third])
+    for row, (seq, position) in enumerate(expected):
+        torch.testing.assert_close(got[row], reference_logits(reference.model, seq)[position], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n", [0, 1, 3])

@@ -22,6 +22,23 @@ def fake_token(rid: str, position: int) -> int:
     return (hash((rid, position)) % 97) + 3
 
 
+def check_packing(sched: Scheduler, mb) -> None:
+    """What every micro-batch must be: its rows' tokens laid end to end, each request once,
+    at most `prefill_chunk` prompt tokens, and only the row that ends a prompt or decodes samples."""
+    rows = mb.header.rows
+    assert len(mb.input_ids) == mb.header.tokens == sum(r.length for r in rows)
+    assert len(set(mb.request_ids)) == len(mb.request_ids) == len(rows) <= sched.n_slots
+    prompt_len = [len(sched.running[rid].request.prompt) for rid in mb.request_ids]
+    assert sum(r.length for r, n in zip(rows, prompt_len, strict=True) if r.start < n) <= sched.prefill_chunk
+    at = 0
+    for rid, r in zip(mb.request_ids, rows, strict=True):
+        seq = sched.running[rid]
+        assert mb.input_ids[at : at + r.length] == seq.tokens[r.start : r.start + r.length]
+        assert r.position == r.start + r.length
+        assert r.sample == (r.start + r.length >= len(seq.request.prompt))
+        at += r.length
+
+
 def drive(sched: Scheduler, arrivals: dict[int, list[GenerationRequest]], max_steps: int = 10_000):
     """Run the scheduler against a FIFO pipeline of depth n_stages; returns tokens per request."""
     out: dict[str, list[int]] = {}
@@ -32,6 +49,7 @@ def drive(sched: Scheduler, arrivals: dict[int, list[GenerationRequest]], max_st
         for req in arrivals.get(step, []):
             sched.submit(req)
         while (mb := sched.next_microbatch()) is not None:
+            check_packing(sched, mb)
             pipeline.append(mb)
         max_in_flight = max(max_in_flight, len(pipeline))
         if not pipeline:
@@ -77,7 +95,7 @@ def test_decode_fills_every_stage():
     for _ in range(200):
         while (mb := sched.next_microbatch()) is not None:
             pipeline.append(mb)
-            if mb.header.seq_len == 1:
+            if mb.header.tokens == len(mb.header.rows):  # decode steps only
                 decode_sizes.append(len(mb.header.rows))
         depth.append(len(pipeline))
         mb = pipeline.pop(0)
@@ -91,10 +109,38 @@ def test_prompt_is_chunked():
     sched.submit(request("a", 10, 1))
     sizes = []
     while (mb := sched.next_microbatch()) is not None:
-        sizes.append(mb.header.seq_len)
+        sizes.append(mb.header.tokens)
         assert [r.sample for r in mb.header.rows] == [sum(sizes) == 10]
         sched.on_result(mb.mb_id, [5] if sum(sizes) == 10 else [])
     assert sizes == [4, 4, 2]
+
+
+def test_prompts_are_packed_into_one_microbatch():
+    """Waiting prompts share a micro-batch up to the token budget; the one that does not fit is split."""
+    sched = Scheduler(4, 64, 12, 1, vocab_size=100)
+    for i in range(4):
+        sched.submit(request(f"r{i}", 5, 2))
+    mb = sched.next_microbatch()
+    check_packing(sched, mb)
+    assert mb.request_ids == ("r0", "r1", "r2") and [r.length for r in mb.header.rows] == [5, 5, 2]
+    assert [r.sample for r in mb.header.rows] == [True, True, False]
+
+
+def test_decode_goes_on_while_a_long_prompt_is_prefilled():
+    """A prompt of many chunks rides beside the decode steps of a running sequence: every
+    micro-batch gives the decoding sequence a token."""
+    sched = Scheduler(2, 256, 16, 1, vocab_size=1000)
+    sched.submit(request("short", 3, 50))
+    mb = sched.next_microbatch()
+    sched.on_result(mb.mb_id, [7])
+    sched.submit(request("long", 100, 1))
+    shapes = []
+    while "long" in sched.running or sched.waiting:
+        mb = sched.next_microbatch()
+        check_packing(sched, mb)
+        shapes.append([(rid, r.length) for rid, r in zip(mb.request_ids, mb.header.rows, strict=True)])
+        sched.on_result(mb.mb_id, [7] * sum(r.sample for r in mb.header.rows))
+    assert shapes == [[("short", 1), ("long", 16)]] * 6 + [[("short", 1), ("long", 4)]]
 
 
 def test_stop_token_and_slot_release():
@@ -204,5 +250,5 @@ def test_prefix_reuse_skips_the_shared_prefix():
     mb = sched.next_microbatch()
     # everything fed to "a" (all but its last sampled token) is reused
     assert mb.header.rows[0].start == len(first) - 1
-    assert mb.input_ids == [first[-1:] + [40, 41]]
+    assert mb.input_ids == first[-1:] + [40, 41]
     assert sched.reused_tokens == len(first) - 1

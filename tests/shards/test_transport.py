@@ -52,7 +52,7 @@ def _peer(rank: int, port: int, queue, timeout_s: float) -> None:
     link = PipeLink(rank, 2, "127.0.0.1", port, "gloo", timeout_s, 4, torch.device("cpu"))
     header, payload = link.recv_forward(8, torch.float32)
     queue.put(("got", header.mb_id, payload.sum().item()))
-    link.send_result(header.mb_id, [int(payload[0, 0, 0].item())])
+    link.send_result(header.mb_id, [int(payload[0, 0].item())])
     queue.put(("sent", None, None))
     time.sleep(600)  # stay alive until the test kills or stops us
 
@@ -82,9 +82,9 @@ def pair():
 
 def test_send_and_result(pair):
     link, _, queue = pair
-    payload = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
-    rows_ = tuple(RowMeta(i, 0, True, 3, SamplingParams()) for i in range(2))
-    link.send_forward(Header(Kind.DATA, 7, 3, rows_), payload)
+    payload = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2 * 3, 8)  # 2 rows of 3 tokens, end to end
+    rows_ = tuple(RowMeta(i, 0, True, 3, SamplingParams(), length=3) for i in range(2))
+    link.send_forward(Header(Kind.DATA, 7, 6, rows_), payload)
     assert queue.get(timeout=30) == ("got", 7, payload.sum().item())
     assert link.recv_result() == (7, [0])
 
@@ -171,7 +171,7 @@ def test_every_stage_uses_the_interface_of_its_own_address():
                     local_address="127.0.0.1")
     try:
         assert queue.get(timeout=120) == ("lo", "lo")
-        link.send_forward(Header(Kind.DATA, 3, 1, (RowMeta(0, 0, True, 0, SamplingParams()),)), torch.zeros(1, 1, 8))
+        link.send_forward(Header(Kind.DATA, 3, 1, (RowMeta(0, 0, True, 0, SamplingParams()),)), torch.zeros(1, 8))
         assert link.recv_result() == (3, [1])
     finally:
         proc.kill()
