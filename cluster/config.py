@@ -57,7 +57,8 @@ class PipelineConfig(_Strict):
     max_batch: int = Field(8, ge=1, le=1024, description="KV slots per stage (sequences decoded at once)")
     max_seq_len: int = Field(512, ge=2, le=1 << 20, description="longest prompt + completion, in tokens")
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot per replica; more are refused")
-    prefill_chunk: int = Field(128, ge=1, description="prompts longer than this are prefilled in chunks")
+    prefill_chunk: int = Field(
+        256, ge=1, description="prompt tokens per micro-batch: waiting prompts packed into one forward, a longer one split")
     prefix_cache: bool = Field(True, description="reuse a finished sequence's KV for a prompt extending it")
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
     tp_engine: Literal["native", "deepspeed"] = Field(

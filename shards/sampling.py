@@ -40,23 +40,43 @@ def uniform(seed: int, position: int) -> float:
     return (bits >> 11) / float(1 << 53)
 
 
+_FIRST_CANDIDATES = 64  # top-p looks at this many of the likeliest tokens first, doubling while short
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Pick one token from logits [V] for the token at absolute position `position`."""
+    """Pick one token from logits [V] for the token at absolute position `position`.
+
+    Only the candidates are ever sorted: the top k with top-k, else the likeliest tokens until
+    their mass reaches top_p (64, doubled while short); plain temperature sampling sorts
+    nothing. Probabilities are float64, normalised over the whole vocabulary.
+    """
     if params.greedy:
         return int(torch.argmax(logits))
     scores = logits.double() / params.temperature
-    probs, order = torch.sort(torch.softmax(scores, dim=-1), descending=True, stable=True)
-    if params.top_k > 0:
-        # renormalise before top-p, as transformers' TopK-then-TopP warpers do
-        probs = probs[: params.top_k]
-        probs = probs / probs.sum()
+    u = uniform(params.seed, position)
+    if params.top_k <= 0 and params.top_p >= 1.0:  # the inverse CDF over the vocabulary, in id order
+        cum = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
+        index = int(torch.searchsorted(cum, torch.tensor([u * float(cum[-1])], dtype=cum.dtype), right=True))
+        return min(index, scores.numel() - 1)
+    vocab = scores.numel()
+    log_total = torch.logsumexp(scores, dim=-1)
+    k = min(params.top_k, vocab) if params.top_k > 0 else min(_FIRST_CANDIDATES, vocab)
+    while True:
+        top, order = torch.topk(scores, k, sorted=True)
+        probs = torch.exp(top - log_total)
+        if params.top_k > 0:
+            # renormalise before top-p, as transformers' TopK-then-TopP warpers do
+            probs = probs / probs.sum()
+        if params.top_p >= 1.0 or params.top_k > 0 or k == vocab or float(probs.sum()) >= params.top_p:
+            break
+        k = min(2 * k, vocab)  # the nucleus is wider than the candidates so far
     if params.top_p < 1.0:
         cum = torch.cumsum(probs, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         keep = int(torch.searchsorted(cum, torch.tensor([params.top_p], dtype=cum.dtype))) + 1
         probs = probs[: min(keep, probs.numel())]
     cum = torch.cumsum(probs, dim=-1)
-    target = uniform(params.seed, position) * float(cum[-1])
+    target = u * float(cum[-1])
     index = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype), right=True))
     return int(order[min(index, probs.numel() - 1)])
 

@@ -16,7 +16,7 @@ class ReplicaSpec:
     max_batch: int = 8  # KV slots per stage = sequences decoded at once
     max_seq_len: int = 512
     max_queue: int = 16  # requests waiting for a slot beyond max_batch; more are refused (Overloaded)
-    prefill_chunk: int = 128
+    prefill_chunk: int = 256  # prompt tokens per micro-batch (packed prompts, split ones)
     prefix_cache: bool = True  # finished sequences keep their slot's KV for prompts that extend them
     dtype: str = "float32"
     device: str = "cpu"  # "cpu" or "cuda"

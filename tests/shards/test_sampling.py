@@ -218,3 +218,37 @@ def test_uniform_is_spread_over_the_interval() -> None:
         bins[int(u * 10)] += 1
     assert chi_square(bins, [0.1] * 10) < 40
     assert abs(sum(values) / len(values) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize("top_k", [0, 1500])
+def test_a_wide_nucleus_follows_the_renormalised_softmax(top_k: int) -> None:
+    """A nucleus of hundreds of tokens in a 2,000-token vocabulary (wider than the first
+    candidates the sampler looks at): draws stay in the brute-force nucleus and follow its
+    renormalised probabilities, checked over 8 bins of tokens by rank."""
+    gen = torch.Generator().manual_seed(3)
+    row = torch.randn(2000, generator=gen) * 0.8
+    logits = row.tolist()
+    top_p = 0.8
+    if top_k:
+        cut = sorted(range(len(logits)), key=lambda i: -logits[i])[:top_k]
+        probs = dict(zip(cut, softmax([logits[i] for i in cut], 1.0), strict=True))
+    else:
+        probs = dict(enumerate(softmax(logits, 1.0)))
+    ids = sorted(probs, key=lambda i: -probs[i])
+    kept = nucleus([probs[i] for i in ids], top_p)
+    support = [ids[r] for r in sorted(kept)]
+    assert len(support) > 300  # far beyond the first 64 candidates
+    mass = sum(probs[i] for i in support)
+    bins = 8
+    bin_of = {tok: r * bins // len(support) for r, tok in enumerate(support)}
+    expected = [0.0] * bins
+    for tok in support:
+        expected[bin_of[tok]] += probs[tok] / mass
+    counts = [0] * bins
+    n = 3000
+    for t in range(n):
+        token = sample_row(row, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=21), t)
+        assert token in bin_of, f"token {token} is outside the nucleus"
+        counts[bin_of[token]] += 1
+    # 7 degrees of freedom: P(chi2 > 30) is about 1e-4; the seed is fixed, so no flakes.
+    assert chi_square(counts, expected) < 30, (counts, [round(n * p) for p in expected])
