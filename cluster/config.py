@@ -59,6 +59,9 @@ class PipelineConfig(_Strict):
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot per replica; more are refused")
     prefill_chunk: int = Field(
         256, ge=1, description="prompt tokens per micro-batch: waiting prompts packed into one forward, a longer one split")
+    batch_window_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="an idle replica waits up to this long for more prompts to prefill in one forward (0: none)")
     prefix_cache: bool = Field(True, description="reuse a finished sequence's KV for a prompt extending it")
     tensor_parallel: int = Field(1, ge=1, le=16, description="processes (GPUs) per stage, splitting its layers")
     tp_engine: Literal["native", "deepspeed"] = Field(
@@ -263,6 +266,7 @@ class RingpipeConfig(_Strict):
             max_seq_len=p.max_seq_len,
             max_queue=p.max_queue,
             prefill_chunk=p.prefill_chunk,
+            batch_window_ms=p.batch_window_ms,
             prefix_cache=p.prefix_cache,
             dtype=self.model.dtype,
             device=self.model.device,

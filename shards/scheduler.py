@@ -191,6 +191,18 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running and not self.in_flight
 
+    def gather_until(self, window_s: float) -> float | None:
+        """When an idle pipeline should stop waiting for more prompts to prefill together
+        (`time.monotonic()`: `window_s` after the oldest waiting request arrived), or None to go now:
+        no window, nothing waiting, work in progress, or the waiting prompts already fill a
+        micro-batch (its prompt-token budget, or every free slot)."""
+        if window_s <= 0 or not self.waiting or self.running or self.in_flight:
+            return None
+        if len(self.waiting) >= self.free_slots or sum(len(r.prompt) for r in self.waiting) >= self.prefill_chunk:
+            return None
+        first = min(self._arrived.get(r.request_id, time.monotonic()) for r in self.waiting)
+        return first + window_s
+
     def next_microbatch(self) -> MicroBatch | None:
         """The next micro-batch to send, or None (the pipeline is full, or nothing is ready).
 

@@ -400,8 +400,10 @@ class Stage:
         sched, link = self.scheduler, self._link
         pipelined = self.spec.stages > 1
         last_traffic = time.monotonic()
+        window_s = self.spec.batch_window_ms / 1000
         while True:
-            wait_s = 0 if not sched.idle else self.spec.keepalive_s
+            gather = sched.gather_until(window_s)
+            wait_s = self.spec.keepalive_s if sched.idle else max(0.0, gather - time.monotonic()) if gather else 0
             try:
                 cmd = self._inbox.get(timeout=wait_s) if wait_s else self._inbox.get_nowait()
             except queue.Empty:
@@ -416,6 +418,9 @@ class Stage:
                     cmd = self._inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
+            gather = sched.gather_until(window_s)
+            if gather and time.monotonic() < gather:
+                continue  # gathering prompts for one prefill: wait (above) for more, up to the window
             sent = False
             while (mb := sched.next_microbatch()) is not None:
                 self._step_head(mb)
