@@ -20,7 +20,7 @@ from bench._foreign_load import ForeignLoad
 from shards.inprocess import InProcessModel
 from shards.sampling import SamplingParams, sample
 
-SYSTEMS = ("transformers", "in-process", "replica S=1", "replica S=2")
+SYSTEMS = ("transformers", "transformers bf16", "in-process", "replica S=1", "replica S=2")
 
 
 def median(xs: list[float]) -> float:
@@ -144,18 +144,27 @@ def time_replica(replica, prompts: list[list[int]], n: int) -> Timeline:
 
 
 def load_systems(
-    model_dir: Path, max_batch: int, max_seq_len: int, prefill_chunk: int
+    model_dir: Path, max_batch: int, max_seq_len: int, prefill_chunk: int, dtype: str = "float32"
 ) -> tuple[dict, dict]:
-    """{name: (timer, target)}, and each replica's per-stage memory report from `start()`."""
+    """{name: (timer, target)}, and each replica's per-stage memory report from `start()`.
+
+    transformers runs in float32 always (the reference), and in `dtype` too when that is not
+    float32; in-process and the replicas run in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     from shards.replica import Replica
     from shards.spec import ReplicaSpec
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # run the full length, as the others do
-    ours = InProcessModel(model_dir, n_stages=1, n_slots=max_batch, max_seq_len=max_seq_len)
-    systems: dict = {"transformers": (time_transformers, hf), "in-process": (time_inprocess, ours)}
+    from shards.spec import DTYPES
+
+    systems: dict = {}
+    for name, hf_dtype in (("transformers", "float32"), ("transformers bf16", "bfloat16")):
+        if hf_dtype in ("float32", dtype):
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[hf_dtype]).eval()
+            hf.generation_config.eos_token_id = None  # run the full length, as the others do
+            systems[name] = (time_transformers, hf)
+    ours = InProcessModel(model_dir, n_stages=1, n_slots=max_batch, max_seq_len=max_seq_len, dtype=DTYPES[dtype])
+    systems["in-process"] = (time_inprocess, ours)
     reports: dict[str, list[dict]] = {}
     for stages in (1, 2):
         spec = ReplicaSpec(
@@ -164,6 +173,8 @@ def load_systems(
             max_batch=max_batch,
             max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk,
+            dtype=dtype,
+            prefix_cache=False,  # every repeat sends the same prompts: a cache hit would skip their prefill
         )
         replica = Replica(spec, name=f"bench-s{stages}")
         reports[f"S={stages}"] = replica.start()
@@ -227,7 +238,8 @@ def measure(
                 median([c for _, _, c in triples]),
             )
         )
-        reference, got = runs["transformers", b][-1][1].tokens, triples[-1][1].tokens
+        same = "transformers bf16" if ("transformers bf16", b) in runs else "transformers"  # same precision
+        reference, got = runs[same, b][-1][1].tokens, triples[-1][1].tokens
         rows[
             -1
         ].same_as_transformers = f"{sum(r == g for r, g in zip(reference, got, strict=True))}/{b}"

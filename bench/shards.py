@@ -84,7 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--prefill-chunk", type=int, default=256, help="pipeline.prefill_chunk of the replicas")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="in-process and replicas; transformers runs in float32 and, if not float32, in this too")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--hop-iters",
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print("loading transformers, in-process, replicas S=1 and S=2", flush=True)
         systems, reports = load_systems(
-            model_dir, max(args.batch_list), args.prompt_len + args.new_tokens, args.prefill_chunk
+            model_dir, max(args.batch_list), args.prompt_len + args.new_tokens, args.prefill_chunk, args.dtype
         )
         after_start = replica_memory(systems, model_dir)
         print("generation", flush=True)
@@ -191,11 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         ""
         if busy < 0.25 or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
         else (
-            f"\n\n**Warning:** other processes used up to {busy:.2f} cores. With libgomp's default spinning a "
-            "two-thread torch team in the driver (transformers, in-process) then loses most of its time waiting "
-            "for a descheduled partner, while replica stages, which own more OpenMP teams than there are cores, "
-            "spin briefly and sleep: the comparison is skewed in the replicas' favour. Re-run with "
-            "`GOMP_SPINCOUNT=1000` to give every system the same policy."
+            f"\n\n**Warning:** other processes used up to {busy:.2f} cores. A two-thread torch team then loses "
+            "much of its time waiting for a descheduled partner, more or less in each system as the load came: "
+            "re-run on a quieter machine."
         )
     )
     result = {
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
+            "dtype": args.dtype,
         },
         "targets": targets(rows, memory),
         "rows": rows,

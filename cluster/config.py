@@ -59,6 +59,8 @@ class PipelineConfig(_Strict):
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot per replica; more are refused")
     prefill_chunk: int = Field(
         256, ge=1, description="prompt tokens per micro-batch: waiting prompts packed into one forward, a longer one split")
+    max_prefill_tokens: int = Field(
+        2048, ge=1, description="prompt tokens per micro-batch while no request is generating (none waits on the step)")
     batch_window_ms: float = Field(
         0.0, ge=0, le=10_000,
         description="an idle replica waits up to this long for more prompts to prefill in one forward (0: none)")
@@ -267,6 +269,7 @@ class RingpipeConfig(_Strict):
             max_queue=p.max_queue,
             prefill_chunk=p.prefill_chunk,
             batch_window_ms=p.batch_window_ms,
+            max_prefill_tokens=p.max_prefill_tokens,
             prefix_cache=p.prefix_cache,
             dtype=self.model.dtype,
             device=self.model.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 import ray
@@ -30,6 +31,24 @@ class StageActor:
         self._cpu = NodeCpu(os.getppid())  # a worker's parent is its node's raylet
         self._cpu_at, self._cpu_value = 0.0, None
         self._beats: BeatResponder | None = None
+        # events from the step loop's thread on their way to the streams on the event loop: one wake-up
+        # of the loop per batch of them (a step's tokens for every request), not one per token
+        self._mail: list[tuple[asyncio.Queue, object]] = []
+        self._mail_lock = threading.Lock()
+
+    def _post(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: object) -> None:
+        """Any thread: hand `event` to a stream's queue on the event loop."""
+        with self._mail_lock:
+            wake = not self._mail
+            self._mail.append((events, event))
+        if wake:
+            loop.call_soon_threadsafe(self._deliver_mail)
+
+    def _deliver_mail(self) -> None:
+        with self._mail_lock:
+            mail, self._mail = self._mail, []
+        for events, event in mail:
+            events.put_nowait(event)
 
     async def rendezvous(self) -> tuple[str, int]:
         host = ray.util.get_node_ip_address()
@@ -102,7 +121,7 @@ class StageActor:
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        self.stage.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        self.stage.submit(request, lambda ev: self._post(loop, events, ev))
         finished = False
         try:
             while not finished:

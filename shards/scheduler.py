@@ -87,6 +87,7 @@ class Scheduler:
     n_stages: int
     vocab_size: int
     prefix_cache: bool = False
+    max_prefill_tokens: int = 0  # the budget when nothing is decoding (0: prefill_chunk then too)
     waiting: deque[GenerationRequest] = field(default_factory=deque)
     running: dict[str, Sequence] = field(default_factory=dict)
     in_flight: deque[MicroBatch] = field(default_factory=deque)
@@ -198,7 +199,7 @@ class Scheduler:
         micro-batch (its prompt-token budget, or every free slot)."""
         if window_s <= 0 or not self.waiting or self.running or self.in_flight:
             return None
-        if len(self.waiting) >= self.free_slots or sum(len(r.prompt) for r in self.waiting) >= self.prefill_chunk:
+        if len(self.waiting) >= self.free_slots or sum(len(r.prompt) for r in self.waiting) >= self.prefill_budget:
             return None
         first = min(self._arrived.get(r.request_id, time.monotonic()) for r in self.waiting)
         return first + window_s
@@ -207,7 +208,7 @@ class Scheduler:
         """The next micro-batch to send, or None (the pipeline is full, or nothing is ready).
 
         One micro-batch carries a group of decode steps and, beside them, prompt chunks up to
-        `prefill_chunk` tokens in all (several prompts packed, a long one split): new requests
+        `prefill_budget` tokens in all (several prompts packed, a long one split): new requests
         are prefilled without stopping the ones decoding, and the pipeline never idles while a
         long prompt is prefilled. Decode waits for a full group while others are in flight:
         sending stragglers alone would split the sequences into ever smaller micro-batches.
@@ -224,7 +225,7 @@ class Scheduler:
             rows.append(self._row(seq, len(seq.tokens) - 1, 1, True))
             inputs.append(seq.tokens[-1])
             ids.append(seq.request.request_id)
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         chunks = []
         for seq in self.running.values():
             if budget <= 0:
@@ -248,6 +249,15 @@ class Scheduler:
         mb = MicroBatch(header.mb_id, header, inputs, tuple(ids))
         self.in_flight.append(mb)
         return mb
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens the next micro-batch may carry: `prefill_chunk` while any sequence is
+        decoding (a longer step delays every stream's next token), `max_prefill_tokens` when none is
+        (nobody waits on the step: the prompts go through in as few forwards as memory allows)."""
+        if any(s.decoding for s in self.running.values()):
+            return self.prefill_chunk
+        return max(self.prefill_chunk, self.max_prefill_tokens)
 
     def _row(self, seq: Sequence, start: int, n: int, sample: bool) -> RowMeta:
         return RowMeta(seq.slot, start, sample, start + n, seq.request.sampling, n)

@@ -17,6 +17,7 @@ class ReplicaSpec:
     max_seq_len: int = 512
     max_queue: int = 16  # requests waiting for a slot beyond max_batch; more are refused (Overloaded)
     prefill_chunk: int = 256  # prompt tokens per micro-batch (packed prompts, split ones)
+    max_prefill_tokens: int = 2048  # prompt tokens per micro-batch while nothing decodes
     batch_window_ms: float = 0.0  # an idle head waits up to this long to gather prompts into one prefill
     prefix_cache: bool = True  # finished sequences keep their slot's KV for prompts that extend them
     dtype: str = "float32"

@@ -131,7 +131,7 @@ class Stage:
         self._loop: concurrent.futures.Future | None = None  # the step loop, on the torch thread
         self.scheduler = Scheduler(
             spec.max_batch, spec.max_seq_len, spec.prefill_chunk, spec.stages, args.vocab_size,
-            prefix_cache=spec.prefix_cache,
+            prefix_cache=spec.prefix_cache, max_prefill_tokens=spec.max_prefill_tokens,
         )
         self.steps = 0
         # the head's view of its pipeline, read by `ping` (from the actor's thread, without a lock):

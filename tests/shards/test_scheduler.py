@@ -24,12 +24,15 @@ def fake_token(rid: str, position: int) -> int:
 
 def check_packing(sched: Scheduler, mb) -> None:
     """What every micro-batch must be: its rows' tokens laid end to end, each request once,
-    at most `prefill_chunk` prompt tokens, and only the row that ends a prompt or decodes samples."""
+    at most `prefill_chunk` prompt tokens beside decode steps (`max_prefill_tokens` with none), and only
+    the row that ends a prompt or decodes samples."""
     rows = mb.header.rows
     assert len(mb.input_ids) == mb.header.tokens == sum(r.length for r in rows)
     assert len(set(mb.request_ids)) == len(mb.request_ids) == len(rows) <= sched.n_slots
     prompt_len = [len(sched.running[rid].request.prompt) for rid in mb.request_ids]
-    assert sum(r.length for r, n in zip(rows, prompt_len, strict=True) if r.start < n) <= sched.prefill_chunk
+    decoding = any(r.start >= n for r, n in zip(rows, prompt_len, strict=True))
+    budget = sched.prefill_chunk if decoding else max(sched.prefill_chunk, sched.max_prefill_tokens)
+    assert sum(r.length for r, n in zip(rows, prompt_len, strict=True) if r.start < n) <= budget
     at = 0
     for rid, r in zip(mb.request_ids, rows, strict=True):
         seq = sched.running[rid]
@@ -70,10 +73,11 @@ def drive(sched: Scheduler, arrivals: dict[int, list[GenerationRequest]], max_st
     n_slots=st.integers(1, 6),
     n_stages=st.integers(1, 4),
     chunk=st.integers(1, 8),
+    max_prefill=st.sampled_from([0, 5, 40]),
     reqs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12), st.integers(0, 30)), min_size=1, max_size=10),
 )
-def test_every_request_gets_exactly_its_tokens(n_slots, n_stages, chunk, reqs):
-    sched = Scheduler(n_slots, 64, chunk, n_stages, vocab_size=1000)
+def test_every_request_gets_exactly_its_tokens(n_slots, n_stages, chunk, max_prefill, reqs):
+    sched = Scheduler(n_slots, 64, chunk, n_stages, vocab_size=1000, max_prefill_tokens=max_prefill)
     arrivals: dict[int, list[GenerationRequest]] = {}
     for i, (plen, new, at) in enumerate(reqs):
         arrivals.setdefault(at, []).append(request(f"r{i}", plen, new))
@@ -124,6 +128,23 @@ def test_prompts_are_packed_into_one_microbatch():
     check_packing(sched, mb)
     assert mb.request_ids == ("r0", "r1", "r2") and [r.length for r in mb.header.rows] == [5, 5, 2]
     assert [r.sample for r in mb.header.rows] == [True, True, False]
+
+
+def test_prompts_arriving_together_are_prefilled_at_once_until_one_decodes():
+    """With nothing generating, no stream waits on the step: the prompts go through up to
+    `max_prefill_tokens` at once. Beside a decoding sequence the smaller `prefill_chunk` applies."""
+    sched = Scheduler(8, 64, 6, 1, vocab_size=100, max_prefill_tokens=100)
+    for i in range(4):
+        sched.submit(request(f"r{i}", 10, 3))
+    mb = sched.next_microbatch()
+    check_packing(sched, mb)
+    assert [r.length for r in mb.header.rows] == [10] * 4  # 40 tokens in one forward, not 6 at a time
+    sched.on_result(mb.mb_id, [7] * 4)
+    sched.submit(request("late", 10, 3))
+    mb = sched.next_microbatch()
+    check_packing(sched, mb)
+    assert [(rid, r.length) for rid, r in zip(mb.request_ids, mb.header.rows, strict=True)] == [
+        ("r0", 1), ("r1", 1), ("r2", 1), ("r3", 1), ("late", 6)]
 
 
 def test_decode_goes_on_while_a_long_prompt_is_prefilled():
