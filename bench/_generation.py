@@ -153,9 +153,7 @@ def load_systems(
     from transformers import AutoModelForCausalLM
 
     from shards.replica import Replica
-    from shards.spec import ReplicaSpec
-
-    from shards.spec import DTYPES
+    from shards.spec import DTYPES, ReplicaSpec
 
     systems: dict = {}
     for name, hf_dtype in (("transformers", "float32"), ("transformers bf16", "bfloat16")):
