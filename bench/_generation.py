@@ -144,7 +144,8 @@ def time_replica(replica, prompts: list[list[int]], n: int) -> Timeline:
 
 
 def load_systems(
-    model_dir: Path, max_batch: int, max_seq_len: int, prefill_chunk: int, dtype: str = "float32"
+    model_dir: Path, max_batch: int, max_seq_len: int, prefill_chunk: int, dtype: str = "float32",
+    batch_window_ms: float = 0.0,
 ) -> tuple[dict, dict]:
     """{name: (timer, target)}, and each replica's per-stage memory report from `start()`.
 
@@ -172,6 +173,7 @@ def load_systems(
             max_seq_len=max_seq_len,
             prefill_chunk=prefill_chunk,
             dtype=dtype,
+            batch_window_ms=batch_window_ms,
             prefix_cache=False,  # every repeat sends the same prompts: a cache hit would skip their prefill
         )
         replica = Replica(spec, name=f"bench-s{stages}")

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--batch-window-ms", type=float, default=0.0)
     p.add_argument("--model-dir", type=Path, help="use (or first write) the checkpoint here")
     p.add_argument("--out", type=Path, default=_BENCH / "results" / "service.md")
     p.add_argument("--quick", action="store_true", help="tiny model, one repeat: a smoke run")
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {
         "model": {"path": str(model_dir), "dtype": args.dtype},
         "pipeline": {"stages": 1, "max_batch": biggest, "max_seq_len": args.prompt_len + n + 8,
-                     "prefill_chunk": args.prefill_chunk},
+                     "prefill_chunk": args.prefill_chunk, "batch_window_ms": args.batch_window_ms,
+                     "prefix_cache": False},
         "replicas": {"count": 1},
     }
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -186,7 +188,7 @@ torch {info["torch"]}, transformers {info["transformers"]}, Ray {info["ray"]}; c
 
 **Setup:** random Llama checkpoint ({s.layers} layers, hidden {s.hidden}, {s.heads} heads / {s.kv_heads} KV heads,
 vocab {s.vocab}); `ringpipe serve`: 1 replica x 1 stage in {args.dtype}, 1 coordinator, Serve's gRPC proxy,
-`pipeline.prefill_chunk` {args.prefill_chunk}; B greedy streams of {args.new_tokens} tokens ({args.prompt_len}-token
+`pipeline.prefill_chunk` {args.prefill_chunk}, `batch_window_ms` {args.batch_window_ms:g}, prefix cache off; B greedy streams of {args.new_tokens} tokens ({args.prompt_len}-token
 fresh random prompts) sent at once over gRPC from one `AsyncClient`, against transformers `generate` (float32,
 2 torch threads) at batch B in the same process, alternating, {args.repeats} repeats (medians).
 

@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=256, help="pipeline.prefill_chunk of the replicas")
+    p.add_argument("--batch-window-ms", type=float, default=0.0, help="pipeline.batch_window_ms of the replicas")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="in-process and replicas; transformers runs in float32 and, if not float32, in this too")
     p.add_argument("--repeats", type=int, default=3)
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print("loading transformers, in-process, replicas S=1 and S=2", flush=True)
         systems, reports = load_systems(
-            model_dir, max(args.batch_list), args.prompt_len + args.new_tokens, args.prefill_chunk, args.dtype
+            model_dir, max(args.batch_list), args.prompt_len + args.new_tokens, args.prefill_chunk, args.dtype,
+            args.batch_window_ms,
         )
         after_start = replica_memory(systems, model_dir)
         print("generation", flush=True)

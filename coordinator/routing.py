@@ -85,6 +85,8 @@ async def next_unfenced(stream, fence: asyncio.Event) -> dict:
     """A replica stream's next item, unless its replica is fenced first (the item is then dropped)."""
     if fence.is_set():
         raise Fenced("the replica was declared dead and left the membership")
+    if stream.next_ready():  # already here: no race to set up
+        return await _next(stream)
     item = asyncio.ensure_future(_next(stream))
     fenced = asyncio.ensure_future(fence.wait())
     try:
@@ -101,3 +103,32 @@ async def next_unfenced(stream, fence: asyncio.Event) -> dict:
 async def _next(stream) -> dict:
     ref = await stream.__anext__()
     return await ref
+
+
+class ReplicaStream:
+    """A replica head's stream of items, each read merged with the ones that arrived behind it.
+
+    When this coordinator (or the client behind it) falls behind the replica, the tokens that
+    piled up go on as one message instead of one each: fewer messages through Serve, its proxy
+    and gRPC exactly when they are the bottleneck, and no delay when they are not (an item
+    that is alone goes at once). An error met while merging is raised by the next `next`,
+    after the tokens read before it have gone out.
+    """
+
+    def __init__(self, stream, fence: asyncio.Event) -> None:
+        self.stream, self.fence = stream, fence
+        self._error: BaseException | None = None
+
+    async def next(self) -> dict:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        item = await next_unfenced(self.stream, self.fence)
+        while item["finish_reason"] is None and not self.fence.is_set() and self.stream.next_ready():
+            try:
+                more = await _next(self.stream)
+            except Exception as exc:  # noqa: BLE001 — the replica's failure, raised after these tokens
+                self._error = exc
+                break
+            item = {**item, "tokens": item["tokens"] + more["tokens"], "finish_reason": more["finish_reason"]}
+        return item

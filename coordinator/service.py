@@ -47,7 +47,7 @@ from coordinator.errors import (
 )
 from coordinator.follow import MembershipFollower
 from coordinator.request import Job, Limits, parse_request
-from coordinator.routing import Router, next_unfenced, routing_key
+from coordinator.routing import ReplicaStream, Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
 from failover.membership import Member, Membership
@@ -170,7 +170,7 @@ class Coordinator:
         attempt, avoid, first_token_at, produced = 0, set(), None, 0
         while True:
             member, stream, item, sent_at = await self._take(job, avoid, resuming=attempt > 0)
-            fence = self.router.fence(member)
+            reader = ReplicaStream(stream, self.router.fence(member))
             replica_done = False
             self.router.count(member.replica_id, +1)
             try:
@@ -197,7 +197,7 @@ class Coordinator:
                         if produced > 1:
                             m.time_per_output_token_s.observe((time.monotonic() - first_token_at) / (produced - 1))
                         return
-                    item = await next_unfenced(stream, fence)
+                    item = await reader.next()
             except (Fenced, *REPLICA_LOST) as exc:
                 lost = exc
             except BaseException as exc:

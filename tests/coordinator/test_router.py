@@ -9,7 +9,7 @@ import pytest
 
 from coordinator.errors import Fenced
 from coordinator.ring import HashRing
-from coordinator.routing import Router, next_unfenced
+from coordinator.routing import ReplicaStream, Router, next_unfenced
 from failover.membership import Member, Membership
 
 
@@ -54,10 +54,15 @@ class _Stream:
     def __aiter__(self):
         return self
 
+    def next_ready(self) -> bool:
+        return not self.items.empty()
+
     async def __anext__(self):
         item = await self.items.get()
 
         async def ref():
+            if isinstance(item, Exception):  # the replica failed: its ref holds the error
+                raise item
             return item
 
         return ref()
@@ -76,6 +81,43 @@ def test_next_unfenced_returns_items_until_the_fence_then_drops_them():
         stream.items.put_nowait({"tokens": [2]})  # the fenced replica speaks again: never read
         with pytest.raises(Fenced):
             await next_unfenced(stream, fence)
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_that_fell_behind_gets_the_piled_up_tokens_as_one_item():
+    def item(tokens, reason=None):
+        return {"tokens": tokens, "finish_reason": reason}
+
+    async def scenario():
+        stream, fence = _Stream(), asyncio.Event()
+        reader = ReplicaStream(stream, fence)
+        stream.items.put_nowait(item([1]))
+        assert await reader.next() == item([1])  # alone: at once
+        for t in ([2], [3, 4], [5]):
+            stream.items.put_nowait(item(t))
+        assert await reader.next() == item([2, 3, 4, 5])  # behind: merged, in order
+        stream.items.put_nowait(item([6]))
+        stream.items.put_nowait(item([7], "length"))
+        stream.items.put_nowait(item([99]))  # nothing follows a finish in a real stream; never merged past it
+        assert await reader.next() == item([6, 7], "length")
+        # a failure behind tokens: the tokens first, then the failure
+        stream, fence = _Stream(), asyncio.Event()
+        reader = ReplicaStream(stream, fence)
+        stream.items.put_nowait(item([1]))
+        stream.items.put_nowait(item([2]))
+        stream.items.put_nowait(RuntimeError("replica died"))
+        assert await reader.next() == item([1, 2])
+        with pytest.raises(RuntimeError, match="replica died"):
+            await reader.next()
+        # fenced: what was read before goes out, nothing after
+        stream, fence = _Stream(), asyncio.Event()
+        reader = ReplicaStream(stream, fence)
+        stream.items.put_nowait(item([1]))
+        fence.set()
+        stream.items.put_nowait(item([2]))
+        with pytest.raises(Fenced):
+            await reader.next()
 
     asyncio.run(scenario())
 
