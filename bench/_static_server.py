@@ -35,6 +35,28 @@ class _Job:
     gone: bool = False
 
 
+class _RowStreamer:
+    """transformers' streamer protocol: each new column of tokens to its rows' streams, each row
+    until its own `max_new_tokens` (the batch computes on to its longest)."""
+
+    def __init__(self, jobs: list[_Job]) -> None:
+        self.jobs, self.made, self.seen_prompt = jobs, [0] * len(jobs), False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # generate hands over the prompt first
+            self.seen_prompt = True
+            return
+        for row, token in enumerate(value.reshape(len(self.jobs), -1)[:, -1].tolist()):
+            job = self.jobs[row]
+            if self.made[row] < job.max_new_tokens:
+                self.made[row] += 1
+                item = ([token], self.made[row] == job.max_new_tokens)
+                job.loop.call_soon_threadsafe(job.out.put_nowait, item)
+
+    def end(self) -> None:
+        pass
+
+
 class StaticBatcher:
     def __init__(self, model_dir: str, batch: int, wait_s: float) -> None:
         from transformers import AutoModelForCausalLM
@@ -77,31 +99,9 @@ class StaticBatcher:
             for row, j in enumerate(jobs):  # left padding: every row's last prompt token at the end
                 ids[row, width - len(j.prompt) :] = torch.tensor(j.prompt)
                 mask[row, width - len(j.prompt) :] = 1
-            made = [0] * len(jobs)
-
-            def put(row: int, item: tuple[list[int], bool]) -> None:
-                jobs[row].loop.call_soon_threadsafe(jobs[row].out.put_nowait, item)
-
-            from transformers.generation.streamers import BaseStreamer
-
-            class Out(BaseStreamer):
-                seen_prompt = False
-
-                def put(self, value: torch.Tensor) -> None:
-                    if not self.seen_prompt:
-                        self.seen_prompt = True
-                        return
-                    for row, token in enumerate(value.reshape(len(jobs), -1)[:, -1].tolist()):
-                        if made[row] < jobs[row].max_new_tokens:
-                            made[row] += 1
-                            put(row, ([token], made[row] == jobs[row].max_new_tokens))
-
-                def end(self) -> None:
-                    pass
-
             with torch.inference_mode():
                 self.model.generate(ids, attention_mask=mask, max_new_tokens=max(j.max_new_tokens for j in jobs),
-                                    do_sample=False, streamer=Out(), pad_token_id=0)
+                                    do_sample=False, streamer=_RowStreamer(jobs), pad_token_id=0)
 
 
 class Servicer(pb_grpc.InferenceServicer):

@@ -42,8 +42,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 _BENCH = Path(__file__).resolve().parent
 sys.path[:] = [str(_BENCH.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
 
-import numpy as np  # noqa: E402
-
 from bench._foreign_load import ForeignLoad  # noqa: E402
 from bench._results import describe, table  # noqa: E402
 from bench._serve import ROOT, free_port, served, stop  # noqa: E402
@@ -121,7 +119,11 @@ async def run_rate(target: str, requests: list, drain_s: float) -> tuple[list[Ou
 
 def summarise(rate: float, outcomes: list[Outcome], elapsed_s: float, duration_s: float, foreign: float) -> dict:
     def pct(xs: list[float], q: float) -> float:
-        return float(np.percentile(xs, q)) if xs else math.inf
+        """Nearest rank: a cut-off request (inf) is a value like any other, not a NaN."""
+        if not xs:
+            return math.inf
+        ranked = sorted(xs)
+        return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
 
     ttft = [o.ttft_s for o in outcomes]
     tpot = [o.tpot_s for o in outcomes if o.new_tokens > 1]
@@ -133,6 +135,7 @@ def summarise(rate: float, outcomes: list[Outcome], elapsed_s: float, duration_s
         "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
         "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
         "goodput": sum(o.in_slo for o in outcomes) / duration_s,
+        "elapsed_s": elapsed_s,
         "slo_p99_met": pct(ttft, 99) <= TTFT_SLO_S and pct(tpot, 99) <= TPOT_SLO_S,
         "foreign_cores": foreign,
     }
@@ -173,6 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--out", type=Path, default=_BENCH / "results" / "load.md")
     p.add_argument("--quick", action="store_true", help="tiny model, short rates: a smoke run")
+    p.add_argument("--rewrite", action="store_true",
+                   help="measure nothing: summarise the outcomes in the .json beside --out again and rewrite the report")
     args = p.parse_args(argv)
     args.spec = RandomModelSpec(arch="llama", layers=12, hidden=768, heads=12, kv_heads=4, vocab=16000,
                                 intermediate=2048, seed=0)
@@ -183,8 +188,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def rewrite(args: argparse.Namespace, argv: list[str] | None) -> None:
+    saved = json.loads(args.out.with_suffix(".json").read_text())
+    results = {
+        name: [{**summarise(r["rate"], [Outcome(**o) for o in r["outcomes"]],
+                            r.get("elapsed_s") or sum(o["received"] for o in r["outcomes"]) / r["tokens_s"], args.duration,
+                            r["foreign_cores"]), "outcomes": r["outcomes"]} for r in rs]
+        for name, rs in saved["results"].items()
+    }
+    write(args, results, saved["elapsed_s"], saved["command"].split("bench/load.py", 1)[1].split() if argv is None else argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.rewrite:
+        return rewrite(args, argv)
     began = time.perf_counter()
     model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="ringpipe-bench-"))
     if not (model_dir / "config.json").is_file():
