@@ -8,23 +8,14 @@ import time
 
 import pytest
 
-from shards.checkpoint import read_model_args
-from shards.partition import plan_stages
 from shards.scheduler import GenerationRequest, Scheduler
-from shards.spec import ReplicaSpec
-from shards.stage import Stage
 from tests.reference import hf_greedy
+from tests.shards.one_stage import started_stage
 
 
 def run_spaced(model_dir, window_ms: float, prompts: list[tuple[int, ...]], gap_s: float) -> tuple[int, dict]:
     """Submit `prompts` `gap_s` apart (one new token each); the forwards it took and the tokens."""
-    spec = ReplicaSpec(model_dir=str(model_dir), stages=1, max_batch=4, max_seq_len=64, torch_threads=1,
-                       batch_window_ms=window_ms)
-    args = read_model_args(model_dir)
-    (plan,) = plan_stages(args, 1, spec.max_batch, spec.max_seq_len, spec.torch_dtype)
-    stage = Stage(spec, plan, args, "window")
-    stage.load()
-    stage.start()
+    stage = started_stage(model_dir, "window", batch_window_ms=window_ms)
     events: queue.Queue = queue.Queue()
     try:
         for i, prompt in enumerate(prompts):

@@ -12,14 +12,11 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from shards.checkpoint import read_model_args
 from shards.errors import NonFiniteLogits
-from shards.partition import plan_stages
 from shards.sampling import SamplingParams
 from shards.scheduler import GenerationRequest
-from shards.spec import ReplicaSpec
-from shards.stage import Stage
 from tests.reference import hf_greedy
+from tests.shards.one_stage import started_stage
 
 POISON = 7  # the token whose embedding is NaN
 NEW = 6
@@ -42,12 +39,7 @@ def test_nan_logits_end_that_request_only(poisoned):
     candidates = [(3, 4, 5), (10, 11), (20, 21, 22, 23), (40, 2), (50, 51, 52), (60, 61)]
     healthy = [p for p in candidates if POISON not in hf_greedy(clean, p, NEW)][:2]
     assert len(healthy) == 2
-    spec = ReplicaSpec(model_dir=str(model_dir), stages=1, max_batch=4, max_seq_len=64, torch_threads=1)
-    args = read_model_args(model_dir)
-    (plan,) = plan_stages(args, 1, spec.max_batch, spec.max_seq_len, spec.torch_dtype)
-    stage = Stage(spec, plan, args, "nan")
-    stage.load()
-    stage.start()
+    stage = started_stage(model_dir, "nan")
     events: queue.Queue = queue.Queue()
     try:
         requests = [
@@ -76,6 +68,6 @@ def test_nan_logits_end_that_request_only(poisoned):
             assert tokens[f"ok-{i}"] == hf_greedy(clean, prompt, NEW)
         # the replica goes on; the healthy requests' KV is kept as prefixes, the poisoned ones' is not
         assert stage.state.value == "serving" and len(stage.scheduler.cached) == len(healthy)
-        assert stage.scheduler.free_slots == spec.max_batch
+        assert stage.scheduler.free_slots == stage.spec.max_batch
     finally:
         stage.shutdown()
