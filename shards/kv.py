@@ -21,6 +21,15 @@ def kv_bytes(
     return 2 * n_layers * n_slots * kv_heads * max_seq_len * head_dim * element
 
 
+def to_device(values: list[int], device: torch.device | str | None) -> torch.Tensor:
+    """An int64 tensor of host integers on `device`. To a GPU through pinned memory and without
+    blocking: a plain copy from pageable memory would wait for the work queued on the GPU."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SlotBatch:
     """The slots of a run of rows, and how to read them: a slice when they are consecutive
@@ -32,7 +41,7 @@ class SlotBatch:
 
     @staticmethod
     def of(slots: list[int], device: torch.device | str | None = None) -> SlotBatch:
-        ids = torch.tensor(slots, dtype=torch.int64, device=device)
+        ids = to_device(slots, device)
         first, n = slots[0], len(slots)
         consecutive = slots == list(range(first, first + n))
         return SlotBatch(ids, slice(first, first + n) if consecutive else ids)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.kv import LayerCache, SlotBatch, StageCache
+from shards.kv import LayerCache, SlotBatch, StageCache, to_device
 
 Device = torch.device | str | None
 
@@ -241,12 +241,13 @@ class Packed:
     KV slot `slots[r]`, at positions starts[r] onwards. Rows of any lengths share a forward with
     no padding (a prefill chunk beside decode steps); every matmul runs over all N tokens at once,
     attention once per run of equal-length rows. Built once per forward from host-side integers,
-    so it costs no device synchronisation."""
+    copied to a GPU asynchronously (`to_device`), so it costs no device synchronisation."""
 
     positions: torch.Tensor  # [N]
     token_slots: torch.Tensor  # [N] each token's slot (where its keys/values are written)
     runs: tuple[Run, ...]
     ends: torch.Tensor  # [B] the flat index of each row's last token
+    row_ends: tuple[int, ...]  # the same, on the host
 
     @property
     def tokens(self) -> int:
@@ -269,15 +270,15 @@ class Packed:
                 positions.extend(range(starts[b], starts[b] + L))
                 token_slots.extend([slots[b]] * L)
                 ends.append(len(positions) - 1)
-            pos = torch.tensor(positions[begin:], device=device).view(rows, L)
+            pos = to_device(positions[begin:], device).view(rows, L)
             kv_len = max(starts[r : e + 1]) + L if cached else L
             mask = attention_mask(pos if cached else pos - pos[:, :1], kv_len, window)
             run_slots = SlotBatch.of(slots[r : e + 1], device) if cached else None
             runs.append(Run(begin, rows, L, run_slots, kv_len, mask))
             r = e + 1
         return Packed(
-            torch.tensor(positions, device=device), torch.tensor(token_slots, device=device), tuple(runs),
-            torch.tensor(ends, device=device),
+            to_device(positions, device), to_device(token_slots, device), tuple(runs), to_device(ends, device),
+            tuple(ends),
         )
 
 

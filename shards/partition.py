@@ -47,6 +47,18 @@ class StagePlan:
         return self.weight_bytes + self.kv_bytes
 
 
+def activation_bytes(args: ModelArgs, tokens: int, dtype: torch.dtype, tp: int = 1, last: bool = False,
+                     logit_rows: int = 0) -> int:
+    """The largest transient a forward of `tokens` tokens holds at once, estimated from shapes: per
+    token the residual stream, its norm and the attention output, this rank's q/k/v, and its gate, up
+    and their product; on the last stage float32 logits for `logit_rows` rows. (A 2048-token forward
+    of a 12-layer, 768-wide Llama: ~80 MiB in float32.)"""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_token = (3 * args.hidden_size + (args.num_heads + 2 * args.num_kv_heads) * args.head_dim // tp
+                 + 3 * args.intermediate_size // tp)
+    return tokens * per_token * element + (4 * logit_rows * args.vocab_size if last else 0)
+
+
 def balanced_layers(layer_cost: int, n_layers: int, first_extra: int, last_extra: int, n_stages: int) -> list[int]:
     """Layer counts per stage (each ≥ 1) minimising the largest stage cost."""
     if not 1 <= n_stages <= n_layers:

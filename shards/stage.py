@@ -39,9 +39,9 @@ from shards.errors import (
     RequestError,
     ShardsError,
 )
-from shards.kv import StageCache
+from shards.kv import StageCache, to_device
 from shards.model import ModelArgs, Packed, StageModel
-from shards.partition import StagePlan
+from shards.partition import StagePlan, activation_bytes
 from shards.sampling import sample
 from shards.scheduler import NON_FINITE, GenerationRequest, MicroBatch, Scheduler, TokenEvent
 from shards.spec import ReplicaSpec
@@ -187,15 +187,19 @@ class Stage:
         weights = self.spec.torch_dtype.itemsize * sum(
             rank_numel(name, shape, self.args, self.tp_rank, self.tp) for name, shape in shapes.items())
         kv = p.kv_bytes // self.tp
-        needed, free = weights + kv, self.free_bytes()
+        s = self.spec
+        tokens = max(s.prefill_chunk, s.max_prefill_tokens) + s.max_batch  # the largest micro-batch
+        act = activation_bytes(self.args, tokens, s.torch_dtype, self.tp, p.last, s.max_batch)
+        needed, free = weights + kv + act, self.free_bytes()
         if needed > free:
             raise DoesNotFit(
                 f"{self.name} needs {needed / gib:.2f} GiB ({weights / gib:.2f} GiB of weights for "
                 f"layers {p.layer_start}-{p.layer_end - 1} + {kv / gib:.2f} GiB of KV slots for "
-                f"pipeline.max_batch {self.spec.max_batch} x pipeline.max_seq_len {self.spec.max_seq_len}) "
-                f"but its {self.device.type} has {free / gib:.2f} GiB free: lower pipeline.max_batch or "
-                f"pipeline.max_seq_len, cut the model into more stages (pipeline.stages), or split each stage over "
-                f"more ranks (pipeline.tensor_parallel)"
+                f"pipeline.max_batch {s.max_batch} x pipeline.max_seq_len {s.max_seq_len} + {act / gib:.2f} GiB "
+                f"of activations for a forward of {tokens} tokens, pipeline.max_prefill_tokens "
+                f"{s.max_prefill_tokens} / pipeline.prefill_chunk {s.prefill_chunk}) but its {self.device.type} has "
+                f"{free / gib:.2f} GiB free: lower those settings, cut the model into more stages (pipeline.stages), "
+                f"or split each stage over more ranks (pipeline.tensor_parallel)"
             )
 
     def load(self) -> dict:
@@ -353,7 +357,8 @@ class Stage:
         rows = header.rows
         packed = Packed.of([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows],
                            self.args.sliding_window, self.device)
-        logits_at = packed.ends[[i for i, r in enumerate(rows) if r.sample]] if self.plan.last else None
+        logits_at = (to_device([packed.row_ends[i] for i, r in enumerate(rows) if r.sample], self.device)
+                     if self.plan.last else None)
         with torch.inference_mode():
             return self.model.forward_packed(inputs.to(self.device), packed, self.cache, logits_at)
 
@@ -450,7 +455,7 @@ class Stage:
 
     def _step_head(self, mb: MicroBatch) -> None:
         started = time.monotonic()
-        out = self._forward(torch.tensor(mb.input_ids, dtype=torch.int64), mb.header)
+        out = self._forward(to_device(mb.input_ids, self.device), mb.header)
         self.steps += 1
         if self.spec.stages == 1:  # single stage: sample here
             self._deliver(self.scheduler.on_result(mb.mb_id, self._sample(out, mb.header)))
