@@ -106,7 +106,9 @@ class AdaptiveWeights:
         if r is None:
             self._replicas[replica_id] = _Replica(load, now, now, now)
             return
-        if load is not r.load or now - r.last_sample > self.settings.stale_s:
+        # a gap of exactly stale_s keeps the run: the float difference of two clock readings that far
+        # apart can come out a hair over it
+        if load is not r.load or now - r.last_sample > self.settings.stale_s + 1e-9:
             r.load, r.since, r.step_from = load, now, now  # a new run: nothing has held for long yet
         r.last_sample = now
         while now - r.step_from >= (period := self._period(load, r.weight)) - 1e-9:  # float sums of samples

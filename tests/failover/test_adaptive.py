@@ -85,6 +85,15 @@ def test_a_gap_in_samples_keeps_the_weight_and_breaks_the_run(dt, gap):
     assert w.weight("r") == pytest.approx(0.49)
 
 
+def test_samples_exactly_stale_s_apart_keep_the_run():
+    """Found by hypothesis (dt=5.0, gap=5.93): at this clock, 1025.93 - 1020.93 is a hair over 5.0."""
+    w, clock = weights()
+    clock.now = 1020.927579751185867
+    assert clock.now + SETTINGS.stale_s - clock.now > SETTINGS.stale_s  # the premise: float sums drift
+    feed(w, clock, HOT, 10.0, SETTINGS.stale_s)
+    assert w.weight("r") == pytest.approx(0.7)
+
+
 def test_a_sample_of_another_kind_breaks_the_run():
     w, clock = weights()
     feed(w, clock, HOT, 9.0)
