@@ -246,12 +246,7 @@ class Packed:
     positions: torch.Tensor  # [N]
     token_slots: torch.Tensor  # [N] each token's slot (where its keys/values are written)
     runs: tuple[Run, ...]
-    ends: torch.Tensor  # [B] the flat index of each row's last token
-    row_ends: tuple[int, ...]  # the same, on the host
-
-    @property
-    def tokens(self) -> int:
-        return self.positions.shape[0]
+    ends: tuple[int, ...]  # the flat index of each row's last token (host integers: pick those to score)
 
     @staticmethod
     def of(
@@ -277,8 +272,7 @@ class Packed:
             runs.append(Run(begin, rows, L, run_slots, kv_len, mask))
             r = e + 1
         return Packed(
-            to_device(positions, device), to_device(token_slots, device), tuple(runs), to_device(ends, device),
-            tuple(ends),
+            to_device(positions, device), to_device(token_slots, device), tuple(runs), tuple(ends),
         )
 
 
@@ -334,7 +328,7 @@ class StageModel(nn.Module):
         if not self.last:
             return self.forward_packed(flat, packed, cache).view(B, T, -1)
         if logits_for_last_only:
-            return self.forward_packed(flat, packed, cache, packed.ends)
+            return self.forward_packed(flat, packed, cache, to_device(list(packed.ends), positions.device))
         return self.forward_packed(flat, packed, cache, torch.arange(B * T, device=positions.device)).view(B, T, -1)
 
     def forward_packed(

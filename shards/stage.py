@@ -357,7 +357,7 @@ class Stage:
         rows = header.rows
         packed = Packed.of([r.slot for r in rows], [r.start for r in rows], [r.length for r in rows],
                            self.args.sliding_window, self.device)
-        logits_at = (to_device([packed.row_ends[i] for i, r in enumerate(rows) if r.sample], self.device)
+        logits_at = (to_device([packed.ends[i] for i, r in enumerate(rows) if r.sample], self.device)
                      if self.plan.last else None)
         with torch.inference_mode():
             return self.model.forward_packed(inputs.to(self.device), packed, self.cache, logits_at)

@@ -162,7 +162,7 @@ def test_packed_rows_of_mixed_lengths_match_transformers(reference: Reference, n
         x = torch.tensor([t for _, seq, start, n in rows for t in seq[start : start + n]])
         with torch.inference_mode():
             for stage, cache in zip(model.stages, model.caches, strict=True):
-                x = stage.forward_packed(x, packed, cache, packed.ends if stage.last else None)
+                x = stage.forward_packed(x, packed, cache, torch.tensor(packed.ends) if stage.last else None)
         return x
 
     # a's first chunk beside b's and c's prompts; then a's second chunk beside two decode steps each
