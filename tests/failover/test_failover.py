@@ -581,10 +581,14 @@ def test_metrics_and_status_show_failovers(service, controller, client, expected
     run = [sys.executable, "-m", "cluster.cli", "status", "--target", service.target]
     listing = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, env=env, check=True).stdout)
     latest = [f for f in listing["failovers"] if f["replica_id"] == victim.replica_id][-1]
-    assert latest["action"] == "standby promoted" and "died" in latest["reason"] and latest["stage"] == 1
+    assert latest["action"] == "standby promoted"
+    # whichever saw the kill first: the killed stage's actor dying, or the head's receive from it failing
+    assert (latest["stage"] == 1 and "died" in latest["reason"]) or (
+        latest["stage"] == 0 and "receive from stage 1 failed" in latest["reason"]), latest
     assert listing["standbys"] + len(listing["replicas"]) >= REPLICAS
     text = subprocess.run(run, capture_output=True, text=True, env=env, check=True).stdout
-    assert "recent failovers" in text and f"{victim.replica_id} stage 1" in text and "standby promoted" in text
+    assert "recent failovers" in text and f"{victim.replica_id} stage {latest['stage']}" in text
+    assert "standby promoted" in text
     wait_converged(controller, client)
 
 
