@@ -38,6 +38,9 @@ class ModelConfig(_Strict):
     demo: bool = Field(False, description="serve the demo model, trained into `path` (or the cache) on first use")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
+    name: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="the model id of the OpenAI API (/v1/models); default: the checkpoint directory's name")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -50,6 +53,10 @@ class ModelConfig(_Strict):
     @property
     def directory(self) -> str:
         return self.path if self.path is not None else str(demo_model_dir())
+
+    @property
+    def served_name(self) -> str:
+        return self.name or Path(self.directory).resolve().name
 
 
 class PipelineConfig(_Strict):
@@ -144,7 +151,7 @@ class ServerConfig(_Strict):
     )
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages are refused")
     max_new_tokens: int | None = Field(None, ge=1, description="the most a request may ask for; default max_seq_len")
-    request_timeout_s: float | None = Field(None, gt=0, description="Serve's end-to-end limit per call")
+    request_timeout_s: float | None = Field(None, gt=0, description="end-to-end limit per call: gRPC DEADLINE_EXCEEDED (Serve's proxy), HTTP 504 (the OpenAI API)")
     host: str = Field(
         "auto", min_length=1,
         description="address the proxies listen on; auto: the node's own address when it is a loopback one, else 0.0.0.0",

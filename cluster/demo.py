@@ -193,6 +193,23 @@ def is_finished(directory: str | Path) -> bool:
     return all((root / name).is_file() for name in FINISHED_FILES)
 
 
+# the demo model knows no chat (it read Python's docs), but chat works with it: each message on a line of
+# its own, role first, ended like a document; the answer starts after "assistant:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _add_chat_template(directory: Path) -> None:
+    """A demo built before it had a chat template gets it (the rest of the checkpoint is unchanged)."""
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if "chat_template" not in config:
+        config["chat_template"] = CHAT_TEMPLATE
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _write_tokenizer_files(directory: Path, tokenizer: Tokenizer, max_length: int) -> None:
     tokenizer.save(str(directory / "tokenizer.json"))
     eot = tokenizer.token_to_id(END_OF_TEXT)
@@ -203,6 +220,7 @@ def _write_tokenizer_files(directory: Path, tokenizer: Tokenizer, max_length: in
         "pad_token": END_OF_TEXT,
         "model_max_length": max_length,
         "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     generation_config = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
     for name, content in (
@@ -245,6 +263,7 @@ def build_demo(directory: str | Path, *, progress: bool = True, steps: int | Non
         raise ValueError(f"steps must be at least 1, got {steps}")
     root = Path(directory)
     if is_finished(root):
+        _add_chat_template(root)
         return root
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(

@@ -37,6 +37,11 @@ class Service:
     local_cluster: object | None = None  # ray.cluster_utils.Cluster of `--nodes`
 
     @property
+    def openai_base_url(self) -> str:
+        """The OpenAI API's base URL, on Serve's HTTP proxy (the same host as gRPC)."""
+        return f"http://{self.target.rsplit(':', 1)[0]}:{self.cfg.server.http_port}/v1"
+
+    @property
     def ray_address(self) -> str:
         """The GCS address of the cluster it runs on (what `--address` / RAY_ADDRESS take)."""
         import ray
@@ -85,6 +90,8 @@ def coordinator_settings(cfg: RingpipeConfig) -> CoordinatorSettings:
         auth_token=auth_token(cfg),
         max_health_watches=min(cfg.server.max_health_watches, cfg.server.max_ongoing_requests - 1),
         dtype=cfg.model.dtype,
+        model_name=cfg.model.served_name,
+        request_timeout_s=cfg.server.request_timeout_s,
         takeover=Takeover(
             max_retries=cfg.failover.takeover.max_retries,
             retry_interval_s=cfg.failover.takeover.retry_interval_s,

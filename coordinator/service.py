@@ -36,6 +36,7 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2
 
+from coordinator.chat import load_chat_template
 from coordinator.errors import (
     REPLICA_LOST,
     ClusterFull,
@@ -46,6 +47,7 @@ from coordinator.errors import (
     status_for,
 )
 from coordinator.follow import MembershipFollower
+from coordinator.openai_api import respond
 from coordinator.request import Job, Limits, parse_request
 from coordinator.routing import ReplicaStream, Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
@@ -91,6 +93,8 @@ class CoordinatorSettings:
     max_health_watches: int = 64  # Watch streams held open at once; each holds a call slot while it lasts
     takeover: Takeover = Takeover()
     dtype: str = "float32"  # what the replicas compute in (model.dtype), reported by ClusterStatus
+    model_name: str = "model"  # the id the OpenAI API serves the model under (model.name)
+    request_timeout_s: float | None = None  # the OpenAI API's deadline (gRPC's is Serve's proxy's)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Coordinator:
         self.settings = settings
         args = read_model_args(settings.model_dir)
         self.tokenizer = load_tokenizer(settings.model_dir)
+        self.chat_template = load_chat_template(settings.model_dir)
         self.limits = Limits(
             vocab_size=args.vocab_size,
             max_seq_len=settings.max_seq_len,
@@ -138,15 +143,18 @@ class Coordinator:
 
     # -- checks
     def _authorize(self, grpc_context) -> None:
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        self.check_token(metadata.get("authorization", ""), "'authorization' metadata")
+
+    def check_token(self, given: str, where: str) -> None:
+        """Raise Unauthenticated unless `given` is 'Bearer <server.auth token>' (or no token is set)."""
         token = self.settings.auth_token
         if not token:
             return
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-        given = metadata.get("authorization", "")
         if not given:
-            raise Unauthenticated("missing 'authorization' metadata: send 'Bearer <token>'")
+            raise Unauthenticated(f"missing {where}: send 'Bearer <token>'")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise Unauthenticated("the 'authorization' token is not valid")
+            raise Unauthenticated(f"the token in the {where} is not valid")
 
     # -- generation
     async def _run(self, job: Job) -> AsyncIterator[Chunk]:
@@ -294,6 +302,10 @@ class Coordinator:
                 f"every replica is busy ({', '.join(full)} have full queues); retry later or raise pipeline.max_queue"
             )
         raise NoReplica("no replica could take the request: " + "; ".join(failed))
+
+    # -- the OpenAI HTTP API, through Serve's HTTP proxy
+    async def __call__(self, request):
+        return await respond(self, request)
 
     # -- the RPCs
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:

@@ -4,7 +4,8 @@ Used by `ringpipe model create`, the tests and the benchmarks. Weights are drawn
 with a scale that keeps the network's outputs varied (greedy continuations of a
 random model with tiny weights repeat one token, which hides bugs). With
 `tokenizer=True` the directory also gets a tokenizer.json: byte-level BPE
-trained on the pydoc topics, its special tokens at the ids config.json names.
+trained on the pydoc topics, its special tokens at the ids config.json names,
+and a tokenizer_config.json naming them, with a chat template.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ from safetensors.torch import save_file
 from shards.checkpoint import SUPPORTED_ARCHS, hf_name, parse_config, stage_shapes
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos in hf_config
+# the chat template a checkpoint with a tokenizer gets: Zephyr-like, and it uses what real templates
+# use (special tokens as variables, a filter, the loop, raise_exception)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message must come first') }}{% endif %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -163,5 +173,10 @@ def create_random_checkpoint(
             raise ValueError(f"a byte-level tokenizer needs vocab ≥ {256 + len(SPECIAL_TOKENS)}, got {spec.vocab}")
         bpe = train_byte_level_bpe([topics[k] for k in sorted(topics)], spec.vocab, SPECIAL_TOKENS)
         bpe.save(str(root / "tokenizer.json"))
-        (root / "tokenizer.json").chmod(0o644)
+        pad, bos, eos = SPECIAL_TOKENS
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+                            "pad_token": pad, "chat_template": CHAT_TEMPLATE}
+        (root / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (root / name).chmod(0o644)
     return root

@@ -1,0 +1,170 @@
+"""The OpenAI HTTP API end to end: the official `openai` client (and plain httpx for the wire format)
+→ Serve's HTTP proxy → coordinators → pipeline replicas on real Ray.
+
+Expected text is the gRPC front's answer to the same greedy request, whose tokens are checked
+against transformers (`hf_greedy`) in the same test; chat prompts are rendered by transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import httpx2 as httpx  # what the openai package speaks HTTP with
+import openai
+import pytest
+
+from coordinator.client import Client
+from coordinator.service import Takeover
+from tests.coordinator.test_service import _deploy
+from tests.reference import hf_greedy
+
+PROMPT = [5, 17, 99, 3]
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def grpc_client(service):
+    with Client(service.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def model(service):
+    return Path(service.cfg.model.directory).resolve().name
+
+
+def _openai(base_url: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=120, **kw)
+
+
+def _until_eos(tokens: list[int]) -> list[int]:
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def _greedy_grpc(grpc_client, checkpoint, prompt: list[int], n: int):
+    """The gRPC answer to a greedy request, its tokens checked against transformers."""
+    answer = grpc_client.generate(prompt, n)
+    assert list(answer.token_ids) == _until_eos(hf_greedy(checkpoint, tuple(prompt), n))
+    return answer
+
+
+def _sse(base_url: str, path: str, body: dict) -> list[str]:
+    """The `data:` payloads of a streamed answer, as sent."""
+    with httpx.Client(timeout=120) as http, http.stream("POST", base_url + path, json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_models_and_greedy_completions_match_grpc(service, service_checkpoint, grpc_client, model):
+    api = _openai(service.openai_base_url)
+    assert [m.id for m in api.models.list()] == [model]
+    n = 12
+    expected = _greedy_grpc(grpc_client, service_checkpoint, PROMPT, n)
+    answer = api.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0)
+    assert answer.object == "text_completion" and answer.model == model
+    assert answer.choices[0].text == expected.text
+    assert answer.choices[0].finish_reason == ("stop" if expected.token_ids[-1] == EOS else "length")
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(PROMPT), len(expected.token_ids))
+    text = api.completions.create(model=model, prompt="The list type", max_tokens=n, temperature=0)
+    assert text.choices[0].text == grpc_client.generate("The list type", n).text
+
+    events = _sse(service.openai_base_url, "/completions", {
+        "model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected.text
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]][-1] == answer.choices[0].finish_reason
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(expected.token_ids)
+    streamed = api.completions.create(model=model, prompt=PROMPT, max_tokens=n, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+def test_chat_renders_the_template_and_matches_grpc(service, service_checkpoint, grpc_client, model):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What is a list?"}]
+    ids = AutoTokenizer.from_pretrained(str(service_checkpoint)).apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if not isinstance(ids, list) else ids)
+    n = 10
+    expected = _greedy_grpc(grpc_client, service_checkpoint, ids, n)
+    api = _openai(service.openai_base_url)
+    answer = api.chat.completions.create(model=model, messages=messages, max_tokens=n, temperature=0)
+    assert answer.object == "chat.completion" and answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(ids)
+    chunks = list(api.chat.completions.create(model=model, messages=messages, max_completion_tokens=n, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    # the session header routes like gRPC's session_id: a conversation stays on one replica
+    seeded = [api.chat.completions.create(model=model, messages=messages, max_tokens=n, temperature=0.8, seed=7,
+                                          extra_headers={"X-Session-Id": "conversation-1"}).choices[0].message.content
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]  # the same seed draws the same tokens wherever they run
+
+
+def _error(exc: openai.APIStatusError) -> dict:
+    return exc.response.json()["error"]
+
+
+def test_errors_are_openai_shaped_with_their_status(service, model):
+    api = _openai(service.openai_base_url)
+    cases = [
+        (dict(model=model, prompt=PROMPT, max_tokens=0), openai.BadRequestError, "max_tokens"),
+        (dict(model=model, prompt=PROMPT, n=2), openai.BadRequestError, "n"),
+        (dict(model=model, prompt=PROMPT, logprobs=2), openai.BadRequestError, "logprobs"),
+        (dict(model="gpt-4o", prompt=PROMPT), openai.NotFoundError, "model"),
+    ]
+    for kwargs, kind, param in cases:
+        with pytest.raises(kind) as err:
+            api.completions.create(**kwargs)
+        assert _error(err.value)["param"] == param and _error(err.value)["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert _error(err.value)["param"] == "tools" and _error(err.value)["type"] == "invalid_request_error"
+    with httpx.Client(base_url=service.openai_base_url, timeout=30) as http:
+        broken = http.post("/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and broken.json()["error"]["param"] == "body"
+        assert http.get("/completions").status_code == 405
+        assert http.get("/nothing").status_code == 404 and "error" in http.get("/nothing").json()
+        # a bad request does not cost the next one anything
+        assert http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def _base_url(service, app: str) -> str:
+    return service.openai_base_url.removesuffix("/v1") + f"/{app}/v1"
+
+
+def test_bearer_token_deadline_and_no_replica(service, ray_cluster, model):
+    from ray import serve
+
+    from failover.controller import NAMESPACE, Controller, ControllerSettings
+
+    _deploy(service, "authed", auth_token="s3cret", request_timeout_s=0.2)
+    empty = Controller.options(name="empty-http-controller", namespace=NAMESPACE).remote(
+        service.cfg.replica_spec(), ControllerSettings(replicas=1), "empty-http-controller")
+    _deploy(service, "empty", controller="empty-http-controller", takeover=dataclasses.replace(Takeover(), wait_s=1.0))
+    try:
+        for key in ("unused", "wrong"):
+            with pytest.raises(openai.AuthenticationError) as err:
+                _openai(_base_url(service, "authed"), api_key=key).models.list()
+            assert _error(err.value)["code"] == "invalid_api_key"
+        api = _openai(_base_url(service, "authed"), api_key="s3cret")
+        assert [m.id for m in api.models.list()] == [model]
+        # 480 tokens take far longer than 0.2 s, on any machine
+        with pytest.raises(openai.APIStatusError) as err:
+            api.completions.create(model=model, prompt=PROMPT, max_tokens=480, temperature=0)
+        assert err.value.status_code == 504 and "server.request_timeout_s" in _error(err.value)["message"]
+        with pytest.raises(openai.APIStatusError) as err:
+            _openai(_base_url(service, "empty")).completions.create(model=model, prompt=PROMPT, max_tokens=3)
+        assert err.value.status_code == 503 and "no live pipeline replica" in _error(err.value)["message"]
+    finally:
+        serve.delete("authed")
+        serve.delete("empty")
+        ray_cluster.kill(empty)
