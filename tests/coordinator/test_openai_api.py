@@ -11,14 +11,18 @@ import dataclasses
 import json
 from pathlib import Path
 
+import grpc
 import httpx2 as httpx  # what the openai package speaks HTTP with
 import openai
 import pytest
 
 from coordinator.client import Client
 from coordinator.service import Takeover
-from tests.coordinator.test_service import _deploy
-from tests.reference import hf_greedy
+from protos.ringpipe.v1 import inference_pb2 as pb
+from protos.ringpipe.v1 import inference_pb2_grpc
+from tests.conftest import MAX_BATCH, MAX_QUEUE, REPLICAS
+from tests.coordinator.test_service import _deploy, all_slots_free
+from tests.reference import hf_greedy, wait_for
 
 PROMPT = [5, 17, 99, 3]
 EOS = 2
@@ -168,3 +172,25 @@ def test_bearer_token_deadline_and_no_replica(service, ray_cluster, model):
         serve.delete("authed")
         serve.delete("empty")
         ray_cluster.kill(empty)
+
+
+def test_a_full_cluster_is_429(service, grpc_client, model):
+    """Every slot and queue place taken by long gRPC streams: an HTTP request is refused at once."""
+    with grpc.insecure_channel(service.target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        req = pb.GenerateRequest(max_new_tokens=480, ignore_eos=True)
+        req.token_ids.ids.extend([9, 10, 11])
+        calls = [stub.GenerateStream(req) for _ in range(REPLICAS * (MAX_BATCH + MAX_QUEUE))]
+        try:
+            def full() -> bool:
+                return all(r.in_flight == MAX_BATCH and r.queue_depth == MAX_QUEUE
+                           for r in grpc_client.status().replicas)
+
+            wait_for(full, 60, "every slot and queue place taken")
+            with pytest.raises(openai.RateLimitError) as err:
+                _openai(service.openai_base_url).completions.create(model=model, prompt=PROMPT, max_tokens=3)
+            assert _error(err.value)["type"] == "rate_limit_error" and "busy" in _error(err.value)["message"]
+        finally:
+            for call in calls:
+                call.cancel()
+    wait_for(lambda: all_slots_free(grpc_client), 60, "slots free after the cancelled streams")

@@ -273,6 +273,47 @@ def test_raw_streams_wait_out_the_loss_of_every_pipeline(service, controller, cl
     wait_converged(controller, client)
 
 
+def test_killed_head_mid_sse_stream_completes_identically(service, controller, client, expected):
+    """OpenAI streams (server-sent events, the official client) on a replica whose head is killed:
+    each completes with exactly the failure-free text, no piece repeated or lost."""
+    import openai
+
+    wait_converged(controller, client)
+    model = service.cfg.model.served_name
+    # long streams: prompts whose 400 greedy tokens hold no EOS (the OpenAI API has no ignore_eos)
+    chosen = [i for i in range(len(PROMPTS)) if 2 not in expected[i]][:4]
+    assert len(chosen) >= 2, "too few prompts run 400 tokens without EOS"
+    texts = []
+    for i in chosen:  # the failure-free text of each: the gRPC answer, its tokens transformers'
+        answer = client.generate(list(PROMPTS[i]), NEW_TOKENS)
+        assert list(answer.token_ids) == expected[i]
+        texts.append(answer.text)
+    pieces: list[list[str]] = [[] for _ in chosen]
+    errors: list[BaseException | None] = [None] * len(chosen)
+
+    def stream(k: int) -> None:
+        api = openai.OpenAI(base_url=service.openai_base_url, api_key="unused", max_retries=0, timeout=240)
+        try:
+            for chunk in api.completions.create(model=model, prompt=list(PROMPTS[chosen[k]]), max_tokens=NEW_TOKENS,
+                                                temperature=0, stream=True):
+                pieces[k].append(chunk.choices[0].text)
+        except BaseException as exc:  # noqa: BLE001 — asserted below
+            errors[k] = exc
+
+    threads = [threading.Thread(target=stream, args=(k,), daemon=True) for k in range(len(chosen))]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(len("".join(p)) > 20 for p in pieces), 60, "the SSE streams to be under way")
+    busiest = max(client.status().replicas, key=lambda r: r.in_flight)
+    assert busiest.in_flight >= 1
+    chaos.kill_stage(chaos.stage_process(controller, busiest.replica_id, 0))
+    for t in threads:
+        t.join(300)
+    assert errors == [None] * len(chosen)
+    assert ["".join(p) for p in pieces] == texts
+    wait_converged(controller, client)
+
+
 def test_killed_worker_node_mid_stream(service, local_cluster, controller, client, expected):
     streams, victim, before = under_load(service, controller, client, 1)
     nodes_before = {p: [n["node_id"] for n in ns] for p, ns in ray.get(controller.pipeline_nodes.remote()).items()}
