@@ -442,6 +442,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
         print(f'try:  ringpipe generate "The list type" --stream --target {service.target}', flush=True)
+        print(f"OpenAI API: {service.openai_base_url} (model \"{cfg.model.served_name}\")", flush=True)
         print(f"Ray cluster: {service.ray_address} (for --address / RAY_ADDRESS)", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while True:

@@ -52,8 +52,8 @@ def serve_config(cfg: RingpipeConfig, config_path: str | Path) -> dict:
     server = cfg.server
     grpc_options: dict = {"port": server.port, "grpc_servicer_functions": list(SERVICER_FUNCTIONS)}
     http_options: dict = {"host": "0.0.0.0" if server.host == "auto" else server.host, "port": server.http_port}
-    if server.request_timeout_s is not None:
-        grpc_options["request_timeout_s"] = http_options["request_timeout_s"] = server.request_timeout_s
+    if server.request_timeout_s is not None:  # HTTP's deadline is the coordinator's own (504 in OpenAI's shape)
+        grpc_options["request_timeout_s"] = server.request_timeout_s
     return {
         "proxy_location": server.proxy_location,
         "http_options": http_options,
