@@ -194,3 +194,15 @@ def test_a_full_cluster_is_429(service, grpc_client, model):
             for call in calls:
                 call.cancel()
     wait_for(lambda: all_slots_free(grpc_client), 60, "slots free after the cancelled streams")
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(service, service_checkpoint, grpc_client, model):
+    assert EOS not in hf_greedy(service_checkpoint, (300, 12), 480)  # left alone, it would run long
+    body = {"model": model, "prompt": [300, 12], "max_tokens": 480, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=120) as http, http.stream("POST", service.openai_base_url + "/completions",
+                                                          json=body) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert sum(r.in_flight for r in grpc_client.status().replicas) == 1
+    # the connection is gone: Serve cancels the call, the coordinator the replica stream
+    wait_for(lambda: all_slots_free(grpc_client), 30, "the slot freed after the client left")
