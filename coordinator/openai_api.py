@@ -4,7 +4,7 @@
     POST /v1/completions
     POST /v1/chat/completions      (both with `stream: true`: server-sent events ending in `data: [DONE]`)
 
-A request takes the gRPC front's path from the `Job` on (`Coordinator._run`):
+A request takes the gRPC front's path from the `Job` on (`Coordinator.run`):
 the same routing (the session key is the `X-Session-Id` header, else `user`,
 else the prompt prefix), the same takeover and mid-stream resume, the same
 metrics. The token is `Authorization: Bearer <token>`, as gRPC's metadata.
@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from coordinator.errors import DeadlineExceeded, NotFound, http_status_for
 from coordinator.openai_request import CHAT, OpenAIRequest, parse_openai
 from shards.errors import RequestError
+
+log = logging.getLogger("ringpipe.coordinator")
 
 ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 KINDS = {"/v1/completions": "completions", "/v1/chat/completions": CHAT}
@@ -55,7 +58,7 @@ async def respond(coordinator, request):
                            coordinator.chat_template, coordinator.settings.model_name)
         timeout_s = coordinator.settings.request_timeout_s
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
-        chunks = coordinator._run(req.job)
+        chunks = coordinator.run(req.job)
         first = await _next(chunks, deadline)  # the status is known before anything is sent
         if req.stream:
             events = _events(req, coordinator.settings.model_name, first, chunks, deadline)
@@ -182,4 +185,6 @@ def error_response(exc: BaseException, status: int | None = None):
     from starlette.responses import JSONResponse
 
     http_status, kind, message = http_status_for(exc)
+    if http_status == 500:
+        log.error("HTTP request failed", exc_info=exc)
     return JSONResponse(_error(message, kind, _param(exc), status or http_status), status_code=status or http_status)

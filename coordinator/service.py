@@ -2,7 +2,8 @@
 
 Serve's proxy terminates gRPC and calls the method of this class named like the
 RPC (`Generate`, `GenerateStream`, `ClusterStatus`, and `Check`/`Watch` of
-grpc.health.v1). Each coordinator replica holds the same membership (read from
+grpc.health.v1); Serve's HTTP proxy calls `__call__`, the OpenAI API
+(`coordinator/openai_api.py`), which joins the same path at `run(job)`. Each coordinator replica holds the same membership (read from
 the controller, then watched) and so the same hash ring: a key routes to the
 same pipeline replica whichever coordinator takes the call.
 
@@ -157,7 +158,7 @@ class Coordinator:
             raise Unauthenticated(f"the token in the {where} is not valid")
 
     # -- generation
-    async def _run(self, job: Job) -> AsyncIterator[Chunk]:
+    async def run(self, job: Job) -> AsyncIterator[Chunk]:
         """The generation's chunks, routed, streamed and taken over on failure; raises when it cannot go on.
 
         A replica that fails mid-stream (its actor died, its pipeline broke) or is fenced (it left
@@ -317,7 +318,7 @@ class Coordinator:
                 out.seed = job.sampling.seed
             out.token_ids.extend(job.received)
             text = []
-            async for chunk in self._run(job):
+            async for chunk in self.run(job):
                 out.token_ids.extend(chunk.token_ids)
                 text.append(chunk.text_delta)
                 _served(out.served_by, chunk)
@@ -339,7 +340,7 @@ class Coordinator:
             self._authorize(grpc_context)
             job = parse_request(request, self.limits, self.tokenizer)
             completion, first = len(job.received), True
-            async for chunk in self._run(job):
+            async for chunk in self.run(job):
                 completion += len(chunk.token_ids)
                 msg = pb.GenerateStreamResponse(
                     request_id=job.request_id, token_ids=chunk.token_ids, text_delta=chunk.text_delta,
