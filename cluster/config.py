@@ -149,7 +149,7 @@ class ServerConfig(_Strict):
         64, ge=0, description="grpc.health.v1 Watch streams one coordinator replica holds open (each takes one of its "
         "max_ongoing_requests for as long as it lasts); more are refused with RESOURCE_EXHAUSTED"
     )
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages are refused")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger GenerateRequest messages (gRPC) and bodies (HTTP, 413) are refused")
     max_new_tokens: int | None = Field(None, ge=1, description="the most a request may ask for; default max_seq_len")
     request_timeout_s: float | None = Field(None, gt=0, description="end-to-end limit per call: gRPC DEADLINE_EXCEEDED (Serve's proxy), HTTP 504 (the OpenAI API)")
     host: str = Field(

@@ -50,8 +50,13 @@ async def respond(coordinator, request):
         coordinator.check_token(request.headers.get("authorization", ""), "'Authorization' header")
         if path == "/v1/models":
             return JSONResponse(models_body(coordinator.settings.model_name))
+        raw, limit = await request.body(), coordinator.limits.max_request_bytes
+        if len(raw) > limit:
+            too_large = RequestError("body", f"{len(raw)} bytes is over the limit of {limit} bytes "
+                                             "(server.max_request_bytes)")
+            return error_response(too_large, 413)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except ValueError as exc:
             raise RequestError("body", f"is not valid JSON: {exc}") from None
         req = parse_openai(KINDS[path], body, request.headers, coordinator.limits, coordinator.tokenizer,

@@ -136,6 +136,8 @@ def test_errors_are_openai_shaped_with_their_status(service, model):
         broken = http.post("/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert broken.status_code == 400 and broken.json()["error"]["param"] == "body"
         assert http.get("/completions").status_code == 405
+        huge = http.post("/completions", json={"model": model, "prompt": "x" * (2 << 20)})
+        assert huge.status_code == 413 and huge.json()["error"]["param"] == "body"
         assert http.get("/nothing").status_code == 404 and "error" in http.get("/nothing").json()
         # a bad request does not cost the next one anything
         assert http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
