@@ -281,5 +281,5 @@ def wait_serving(target: str, timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise NotServing(f"the gRPC endpoint {target} did not report SERVING within {timeout_s:.0f}s: is "
                                  "its port (server.port) taken on the proxy's node, or are the replicas still "
-                                 "loading? Serve's proxy and controller logs say (`serve status`)")
+                                 "loading? `serve status` and Serve's proxy log tell")
             time.sleep(0.25)
