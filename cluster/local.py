@@ -143,9 +143,10 @@ def choose_cluster(running: set[str]) -> str:
 
 def find_cluster(address: str | None = None) -> str:
     """The address of the Ray cluster a command that needs a running one joins: `address`
-    (--address), else RAY_ADDRESS, else the one cluster running on this machine ("auto" too)."""
+    (--address), else RAY_ADDRESS, else the one cluster running on this machine. "auto" is passed on:
+    Ray's own choice (the cluster `ray start` started last here; the cluster configs deploy with it)."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto":
+    if address:
         return address
     return choose_cluster(running_clusters())
 

@@ -2,7 +2,8 @@
 
 Serve's proxy terminates gRPC and calls the method of this class named like the
 RPC (`Generate`, `GenerateStream`, `ClusterStatus`, and `Check`/`Watch` of
-grpc.health.v1). Each coordinator replica holds the same membership (read from
+grpc.health.v1) with the bytes the client sent (coordinator/servicers.py), which
+each method decodes first: bytes that are no valid request are INVALID_ARGUMENT. Each coordinator replica holds the same membership (read from
 the controller, then watched) and so the same hash ring: a key routes to the
 same pipeline replica whichever coordinator takes the call.
 
