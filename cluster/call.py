@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
+
+import grpc
 
 from coordinator.client import Client, RingpipeError
 
@@ -20,6 +23,27 @@ STATES = {0: "unspecified", 1: "starting", 2: "serving", 3: "draining", 4: "dead
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.target, token=os.environ.get(TOKEN_ENV) or None)
+
+
+def _failed(exc: RingpipeError, target: str) -> int:
+    """Print a failed call in one line, with what to do next where the status alone does not say it."""
+    hint = ""
+    if exc.code is grpc.StatusCode.UNAVAILABLE and not _listening(target):
+        hint = (f" (nothing listens at {target}: start the service with `ringpipe serve`, or pass the --target "
+                "HOST:PORT that `ringpipe serve` or `ringpipe deploy` printed)")
+    elif exc.code is grpc.StatusCode.UNAUTHENTICATED:
+        hint = f" (put the server's token in {TOKEN_ENV}{'' if os.environ.get(TOKEN_ENV) else ', which is unset'})"
+    print(f"ringpipe: {exc.code.name}: {exc.details}{hint}", file=sys.stderr)
+    return 1
+
+
+def _listening(target: str) -> bool:
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -58,8 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if not args.json:
                     sys.stdout.write(done.text)
     except RingpipeError as exc:
-        print(f"ringpipe: {exc.code.name}: {exc.details}", file=sys.stderr)
-        return 1
+        return _failed(exc, args.target)
     if args.json:
         print(json.dumps(result))
     else:
@@ -72,8 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with _client(args) as client:
             status = client.status()
     except RingpipeError as exc:
-        print(f"ringpipe: {exc.code.name}: {exc.details}", file=sys.stderr)
-        return 1
+        return _failed(exc, args.target)
     replicas = [
         {
             "replica_id": r.replica_id, "state": STATES.get(r.state, str(r.state)), "epoch": r.epoch,

@@ -1,7 +1,8 @@
 """`ringpipe chaos`: faults injected into a running service under load, and a report that proves
 what was lost (nothing, or the run fails).
 
-The run joins the cluster (RAY_ADDRESS / `--address`), answers the request pool
+The run joins the cluster (`--address`, RAY_ADDRESS, else the one running on this
+machine), answers the request pool
 once while nothing is broken (the references), starts the load, lets it settle
 for the warm-up, then injects a fault every `--every` seconds (a range draws
 each gap) for `--duration`, each of a kind drawn from `--fault` (every kind once per round, in a drawn order):
@@ -85,14 +86,12 @@ class ChaosSettings:
 class Run:
     """One chaos run: the cluster's handles, the targets it must return to, the faults so far."""
 
-    def __init__(self, settings: ChaosSettings) -> None:
+    def __init__(self, settings: ChaosSettings, controller) -> None:
         import ray
-
-        from failover.controller import CONTROLLER_NAME, NAMESPACE
 
         self.settings = settings
         self.rng = random.Random(settings.seed)
-        self.controller = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+        self.controller = controller
         self.replicas = len(ray.get(self.controller.membership.remote()).members)
         self.standby = len(ray.get(self.controller.standbys.remote()))
         self.nodes = len(chaos.worker_nodes())
@@ -253,12 +252,15 @@ class Run:
 def run(settings: ChaosSettings, address: str | None = None, token: str | None = None, progress: bool = True) -> dict:
     """The whole run; returns the record (also written, with the summary and the plot, to `settings.report`)."""
     from cluster.chaos_report import write_report
-    from cluster.local import init_ray
+    from cluster.local import find_cluster, init_ray
+    from cluster.serve import running_controller
     from coordinator.client import Client
 
+    address = find_cluster(address)  # the flag, RAY_ADDRESS, else the one cluster on this machine
     init_ray(address)
+    controller = running_controller(address)  # NoService, in one line, when the cluster runs none
     settings.report.mkdir(parents=True, exist_ok=True)
-    chaos_run = Run(settings)
+    chaos_run = Run(settings, controller)
     say = print if progress else (lambda *a, **k: None)
     pool = make_pool(settings.pool, settings.seed, settings.sampled_fraction, list(settings.prompts) or None)
     say(f"references: {len(pool)} requests answered before any fault…", flush=True)

@@ -3,7 +3,7 @@
     ringpipe serve [--config FILE]             the service: replicas, coordinators, gRPC
     ringpipe generate TEXT [--stream] ...      one request to a running service
     ringpipe status [--json]                   membership and load of a running service
-    ringpipe deploy --config FILE              onto a running Ray cluster (RAY_ADDRESS), then return
+    ringpipe deploy --config FILE              onto a running Ray cluster, then return
     ringpipe undeploy                          remove it again
     ringpipe serve-config --config FILE        the same deployment as a Serve config (`serve deploy`)
     ringpipe chaos --fault kill-node ...       faults under load on a running service, with a report
@@ -12,7 +12,11 @@
     ringpipe run --model DIR --stages 2 ...    generate through one pipeline replica, no service
 
 Errors print one line to stderr and exit non-zero; they never print a traceback
-for a mistake the user can fix.
+for a mistake the user can fix or a condition they can expect (no cluster, no
+service, a wrong token, a port taken, a Ray outside the tested range).
+Commands that need a running cluster (`deploy`, `undeploy`, `chaos`) join
+`--address`, else RAY_ADDRESS, else the one Ray cluster running on this
+machine (`cluster.local.find_cluster`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ EXAMPLES = """examples:
   ringpipe model create /tmp/tiny --arch qwen2 --layers 5 --hidden 128
   ringpipe run --model /tmp/tiny --stages 3 --tensor-parallel 2 --prompt-ids 1,2,3 --max-new-tokens 8 --json
 """
+
+
+FOUND = ("Ray cluster address (default: RAY_ADDRESS, else the one Ray cluster running on this machine; "
+         "with several, say which: `ringpipe serve` prints its address)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -137,16 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser(
         "deploy",
-        help="deploy onto a running Ray cluster (RAY_ADDRESS / --address) and return",
+        help="deploy onto a running Ray cluster (--address, RAY_ADDRESS, or the one on this machine) and return",
         description="Join a running Ray cluster, start the controller (which starts the pipeline replicas) "
         "and the coordinators behind Serve's gRPC proxies, wait until gRPC answers SERVING, print the "
         "target and exit, leaving the service running. `ringpipe undeploy` removes it.",
     )
     deploy.add_argument("--config", type=Path, required=True, help="YAML service config (see configs/serve.yaml)")
-    deploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    deploy.add_argument("--address", help=FOUND)
     deploy.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING (default 300)")
     undeploy = sub.add_parser("undeploy", help="remove what `ringpipe deploy` started from the cluster")
-    undeploy.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    undeploy.add_argument("--address", help=FOUND)
     serve_config = sub.add_parser(
         "serve-config",
         help="print the Serve config (for `serve deploy` / `serve run`) of a service config",
@@ -162,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos = sub.add_parser(
         "chaos",
         help="inject faults into a running service under load; report what was lost (exit 1 if anything)",
-        description="Join the cluster of a running service (RAY_ADDRESS / --address), compute the failure-free "
+        description="Join the cluster of a running service (--address, RAY_ADDRESS, or the one running on "
+        "this machine), compute the failure-free "
         "answers of a request pool, run load against --target while injecting a fault every --every for "
         "--duration, then write report.json, summary.md and timeline.png to --report. Invariants: every "
         "request answered, every output equal to its failure-free reference, no streamed token repeated or "
@@ -175,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--seed", type=int, default=0, help="draws faults, targets, gaps and requests")
     chaos.add_argument("--report", type=Path, required=True, help="directory for the report")
     chaos.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
-    chaos.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    chaos.add_argument("--address", help=FOUND)
     chaos.add_argument("--restart-nodes", action="store_true",
                        help="start a killed node again on this machine (local clusters; elsewhere the autoscaler does)")
     load = chaos.add_mutually_exclusive_group()
@@ -412,10 +421,12 @@ def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
-    from cluster.serve import start_service
+    from cluster.local import LOOPBACK
+    from cluster.serve import check_ports_free, start_service
 
     cfg = _serve_config(args)
-    if args.nodes and (args.address or os.environ.get("RAY_ADDRESS")):
+    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if args.nodes and joining:
         return _fail("--nodes starts a local cluster: it cannot be used with --address or RAY_ADDRESS")
     if args.netns:
         from cluster.netns import unavailable
@@ -424,6 +435,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _fail("--netns puts the worker nodes of --nodes in namespaces: give --nodes N")
         if unavailable():
             return _fail(f"--netns: {unavailable()}")
+    elif not joining:  # the proxy will listen on this machine: a taken port is said before anything starts
+        check_ports_free(cfg, LOOPBACK if cfg.server.host == "auto" else cfg.server.host)
     # Ctrl-C and SIGTERM both end in a clean shutdown (SIGINT explicitly: a process started in
     # the background of a script inherits it ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -443,7 +456,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         print(f'try:  ringpipe generate "The list type" --stream --target {service.target}', flush=True)
         print(f"OpenAI API: {service.openai_base_url} (model \"{cfg.model.served_name}\")", flush=True)
-        print(f"Ray cluster: {service.ray_address} (for --address / RAY_ADDRESS)", flush=True)
+        # a cluster ray.init starts has Ray's token auth on (Ray 2.60): say what a second command needs
+        auth = ", with RAY_AUTH_MODE=token: its token is ~/.ray/auth_token" if os.environ.get(
+            "RAY_AUTH_MODE", "").lower() == "token" and service.mode == "local" else ""
+        print(f"Ray cluster: {service.ray_address} (for --address / RAY_ADDRESS{auth})", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)
@@ -454,12 +470,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         service.shutdown()
 
 
+USES_RAY = {"serve", "run", "deploy", "undeploy", "chaos"}  # the others need no Ray (gRPC, files)
+JOINS_CLUSTER = {"deploy", "undeploy", "chaos"}  # need a running cluster: found when no address is given
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.local import NoRayCluster, prepare_local
+    from cluster.local import (
+        NoRayCluster,
+        RayAuthFailed,
+        UnsupportedRay,
+        check_ray,
+        find_cluster,
+        prepare_local,
+    )
 
+    try:
+        if args.command in USES_RAY:
+            check_ray()
+        if args.command in JOINS_CLUSTER:
+            args.address = find_cluster(args.address)
+    except (UnsupportedRay, NoRayCluster) as exc:
+        return _fail(str(exc))
     prepare_local(getattr(args, "address", None))  # before anything imports Ray
     from cluster.netns import NetnsError
+    from cluster.serve import NoService, NotServing, PortTaken
     from shards.errors import ShardsError
 
     try:
@@ -481,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_generate(args) if args.command == "generate" else cmd_status(args)
         return cmd_run(args)
-    except (ConfigError, ShardsError, NoRayCluster, NetnsError) as exc:
+    except (ConfigError, ShardsError, NoRayCluster, RayAuthFailed, NetnsError, NoService, PortTaken) as exc:
         return _fail(str(exc))
+    except NotServing as exc:
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

@@ -1,6 +1,7 @@
 """Deploying ringpipe onto a running Ray cluster, and the same deployment as a Serve config.
 
-`deploy(cfg, address)` joins the cluster (RAY_ADDRESS / `--address`; Ray reads
+`deploy(cfg, address)` joins the cluster (`--address`, else RAY_ADDRESS, else the
+one running on this machine, `cluster.local.find_cluster`; Ray reads
 RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH from the environment), starts the controller
 (detached: it starts and watches the pipeline replicas) and the coordinator app
 behind Serve's proxies, waits until gRPC answers SERVING and returns, leaving
@@ -16,17 +17,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.config import ConfigError, RingpipeConfig, load_config
-from cluster.local import init_ray
+from cluster.local import check_ray, find_cluster, init_ray
 from cluster.serve import (
+    NoService,
     controller_settings,
     coordinator_settings,
     ensure_model,
     run_app,
+    running_controller,
     start_controller,
     stop_controller,
 )
 from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
-from failover.controller import CONTROLLER_NAME, NAMESPACE
 
 APP_BUILDER = "cluster.deploy:app"
 
@@ -39,6 +41,7 @@ def app(args: dict):
     """Serve's application builder: `import_path: cluster.deploy:app`, `args: {config: FILE}`.
 
     FILE is a ringpipe service config, readable on the node that builds the app."""
+    check_ray()
     if not isinstance(args, dict) or "config" not in args:
         raise ConfigError("the Serve application's args need `config`: the path of a ringpipe service config")
     cfg = load_config(args["config"])
@@ -69,42 +72,39 @@ def serve_config(cfg: RingpipeConfig, config_path: str | Path) -> dict:
     }
 
 
-def _controller():
-    import ray
-
+def _controller(address: str):
     try:
-        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
-    except ValueError:
+        return running_controller(address)
+    except NoService:
         return None
 
 
 def deploy(cfg: RingpipeConfig, address: str | None = None, progress: bool = True,
            ready_timeout_s: float = 300.0) -> str:
-    """Deploy onto the cluster at `address` (else RAY_ADDRESS); returns the gRPC target once it serves."""
-    import os
-
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        raise DeployError("deploy needs a running Ray cluster: pass --address or set RAY_ADDRESS "
-                          "(for a cluster of your own on this machine, use `ringpipe serve`)")
+    """Deploy onto the cluster at `address` (else RAY_ADDRESS, else the one running on this machine);
+    returns the gRPC target once it serves."""
+    address = find_cluster(address)
     coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
     controller_settings(cfg)
     ensure_model(cfg, progress)
     init_ray(address)
-    if _controller() is not None:
-        raise DeployError("ringpipe is already deployed on this cluster: `ringpipe undeploy` first")
+    if _controller(address) is not None:
+        raise DeployError(f"ringpipe is already deployed on the Ray cluster at {address}: `ringpipe undeploy` first")
     try:
         start_controller(cfg)
         return run_app(cfg, "joined", ready_timeout_s)
     except BaseException:
-        undeploy()
+        undeploy(address)
         raise
 
 
 def undeploy(address: str | None = None) -> list[str]:
-    """Remove the coordinator app (and Serve, when no other app is left) and the replicas; what was removed."""
+    """Remove the coordinator app (and Serve, when no other app is left) and the replicas from the cluster
+    at `address` (else RAY_ADDRESS, else the one running on this machine); what was removed."""
     import ray
     from ray import serve
 
+    address = find_cluster(address)
     init_ray(address)
     removed = []
     try:
@@ -117,7 +117,7 @@ def undeploy(address: str | None = None) -> list[str]:
         if len(applications) == 1:
             serve.shutdown()
             removed.append("Serve")
-    controller = _controller()
+    controller = _controller(address)
     if controller is not None:
         stop_controller(controller)
         removed.append("controller and pipeline replicas")
@@ -144,8 +144,9 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_undeploy(args) -> int:
-    removed = undeploy(args.address)
-    print("removed: " + ", ".join(removed) if removed else "nothing of ringpipe was running on this cluster")
+    address = find_cluster(args.address)
+    removed = undeploy(address)
+    print("removed: " + ", ".join(removed) if removed else f"nothing of ringpipe was running on the Ray cluster at {address}")
     return 0
 
 

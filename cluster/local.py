@@ -15,16 +15,38 @@ Every Serve replica also opens an internal gRPC server on `[::]:0`; the same
 hook moves it to the node's address (`replica.add_port_to_grpc_server`).
 The hook runs in every worker of the job, so it only arms an import hook: the
 patch happens if and when a worker imports that module (the proxy does).
+These are the only patches of Ray's private modules, and they stay because Ray
+has no public option for either address: checked against Ray 2.60.0, whose
+`gRPCOptions` has `port`, `grpc_servicer_functions`, `request_timeout_s` and
+`enable_reflection` but no host (`grpc_util.start_grpc_server` binds
+`[::]:port`), whose replica binds `[::]:0` unconditionally
+(`Replica._on_initialized`), and whose only host setting, `http_options.host`
+(or RAY_SERVE_DEFAULT_HTTP_HOST), applies to the HTTP proxy alone. `check_ray`
+refuses any other Ray minor version, so a Ray whose internals moved is never
+patched blindly; `_patched` fails loudly if a patched function is gone.
+
+Commands that need a running cluster (`deploy`, `undeploy`, `chaos`) find it
+as Ray's own tools do when given no address (`find_cluster`): the raylets on
+this machine name their cluster's GCS address on their command lines; one
+cluster is joined, none or several is one line saying what to pass.
 """
 
 from __future__ import annotations
 
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 
 LOOPBACK = "127.0.0.1"
+# The Ray versions ringpipe runs on: what the suite is run against, and pyproject.toml's range
+# (`ray[serve]>=2.60,<2.61`). Relied upon: Ray's token auth (RAY_AUTH_MODE=token), bundle
+# label selectors of placement groups (shards/replica.py), Serve's gRPC proxy internals patched
+# below, and the raylet command line `find_cluster` reads.
+RAY_TESTED = (2, 60)
+RAY_REQUIREMENT = "ray[serve]>=2.60,<2.61"
 # the job's runtime env: every worker runs `serve_on_loopback` first (ringpipe is installed on every node)
 LOOPBACK_HOOK = {"worker_process_setup_hook": "cluster.local.serve_on_loopback"}
 
@@ -42,8 +64,91 @@ def prepare_local(address: str | None = None) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+class UnsupportedRay(Exception):
+    """The installed Ray is outside the range ringpipe is tested on."""
+
+
+def ray_unsupported(version: str | None) -> str | None:
+    """Why Ray `version` (None: not installed) cannot run ringpipe, in one line; None when it can."""
+    install = f"pip install '{RAY_REQUIREMENT}'"
+    if version is None:
+        return f"Ray is not installed in this Python ({sys.executable}): {install}"
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match and (int(match[1]), int(match[2])) == RAY_TESTED:
+        return None
+    tested = ".".join(map(str, RAY_TESTED))
+    return f"ringpipe runs on Ray {tested}.x ({RAY_REQUIREMENT}), this Python has Ray {version}: {install}"
+
+
+def check_ray() -> None:
+    """Raise UnsupportedRay unless the installed Ray is one ringpipe is tested on (Ray is not imported)."""
+    try:
+        version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    why = ray_unsupported(version)
+    if why:
+        raise UnsupportedRay(why)
+
+
 class NoRayCluster(Exception):
-    """Nothing answers at the Ray address given (Ray itself would retry for minutes)."""
+    """No Ray cluster to join: nothing answers at the address given (Ray itself would retry for
+    minutes), or none (or several) run on this machine when no address was given."""
+
+
+class RayAuthFailed(Exception):
+    """The Ray cluster refused this process's Ray auth token (or its lack of one)."""
+
+    def __init__(self, address: str) -> None:
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            what = ("put the token it was started with in RAY_AUTH_TOKEN, or its file in RAY_AUTH_TOKEN_PATH "
+                    "(default ~/.ray/auth_token)")
+        else:
+            what = ("set RAY_AUTH_MODE=token (Ray then reads the token from ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+                    "or RAY_AUTH_TOKEN; a cluster `ringpipe serve` starts without --nodes uses ~/.ray/auth_token)")
+        super().__init__(f"the Ray cluster at {address} wants Ray's auth token: {what}")
+
+
+def running_clusters() -> set[str]:
+    """The GCS addresses of the Ray clusters with a raylet on this machine.
+
+    Read from the raylets' command lines (`--gcs-address=`), as Ray's own tools find a local
+    cluster (`ray status`, `ray.init(address="auto")`: `ray._private.services.find_gcs_addresses`,
+    Ray 2.60), without importing Ray: it must not be imported before `prepare_local`. Ray's other
+    hint, the file `ray_current_cluster` in its temp dir, is not used: it names the cluster started
+    last by anyone on the machine, and the last one stopped deletes it."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"]  # None where access is denied
+        if not cmdline or "raylet" not in os.path.basename(cmdline[0]):
+            continue
+        for arg in " ".join(cmdline).split():  # a retitled process may hold its arguments in one string
+            if arg.startswith("--gcs-address=") and arg.split("=", 1)[1] not in ("", "None"):
+                found.add(arg.split("=", 1)[1])
+    return found
+
+
+def choose_cluster(running: set[str]) -> str:
+    """The one cluster in `running`; else NoRayCluster saying what to pass."""
+    if len(running) == 1:
+        return next(iter(running))
+    if not running:
+        raise NoRayCluster("no Ray cluster runs on this machine: start one (`ringpipe serve`, `ray start --head`), "
+                           "or pass the address of one with --address (or RAY_ADDRESS)")
+    raise NoRayCluster(f"{len(running)} Ray clusters run on this machine ({', '.join(sorted(running))}): pass the "
+                       "one to use with --address (or RAY_ADDRESS; `ringpipe serve` prints its address)")
+
+
+def find_cluster(address: str | None = None) -> str:
+    """The address of the Ray cluster a command that needs a running one joins: `address`
+    (--address), else RAY_ADDRESS, else the one cluster running on this machine. "auto" is passed on:
+    Ray's own choice (the cluster `ray start` started last here; the cluster configs deploy with it)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return address
+    return choose_cluster(running_clusters())
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -66,6 +171,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     Returns "joined" or "local"; a Ray already initialised in this process is reused.
     """
     address = address or os.environ.get("RAY_ADDRESS")
+    check_ray()
     prepare_local(address)
     import ray
 
@@ -73,7 +179,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return "joined"
     if address:
         check_reachable(address)
-        ray.init(address=address, log_to_driver=not quiet, runtime_env=LOOPBACK_HOOK)
+        try:
+            ray.init(address=address, log_to_driver=not quiet, runtime_env=LOOPBACK_HOOK)
+        except ConnectionError as exc:
+            # Ray 2.60 raises ConnectionError from a RuntimeError that quotes the AuthenticationError
+            cause = exc.__cause__
+            if isinstance(cause, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(cause):
+                raise RayAuthFailed(address) from None
+            raise
         return "joined"
     cores = os.cpu_count() or 1
     ray.init(
@@ -99,6 +212,7 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
     """
     if nodes < 1:
         raise ValueError(f"nodes must be ≥ 1, got {nodes}")
+    check_ray()
     prepare_local()
     if netns:
         return NetnsCluster(nodes, cpus_per_node, quiet)
@@ -226,8 +340,20 @@ def _on_loopback(address: str) -> str:
     return address.replace("[::]", node_ip, 1) if node_ip.startswith("127.") or is_netns_address(node_ip) else address
 
 
+def _patched(module, name: str):
+    """`module.name`, the function a patch replaces; an error naming both if this Ray has none."""
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise RuntimeError(f"ringpipe's loopback patch needs {module.__name__}.{name}, which this Ray has not "
+                           f"(checked on Ray {'.'.join(map(str, RAY_TESTED))}): {RAY_REQUIREMENT}") from None
+
+
 def _patch_proxy(module) -> None:
-    """Serve's gRPC proxy binds through `default_impl.add_grpc_address`."""
+    """Serve's gRPC proxy binds through `default_impl.add_grpc_address` (Ray 2.60.0: `[::]:port`, and
+    `gRPCOptions` has no host): the function Serve itself replaces per platform."""
+    _patched(module, "add_grpc_address")
+
     def add_grpc_address(server, address: str) -> None:
         server.add_insecure_port(_on_loopback(address))
 
@@ -235,8 +361,9 @@ def _patch_proxy(module) -> None:
 
 
 def _patch_replica(module) -> None:
-    """Every Serve replica opens an internal gRPC server on `[::]:0` (`replica.add_port_to_grpc_server`)."""
-    add_port = module.add_port_to_grpc_server
+    """Every Serve replica opens an internal gRPC server on `[::]:0` (`replica.add_port_to_grpc_server`;
+    Ray 2.60.0: no option or environment variable moves it)."""
+    add_port = _patched(module, "add_port_to_grpc_server")
 
     def add_port_to_grpc_server(server, address: str):
         return add_port(server, _on_loopback(address))

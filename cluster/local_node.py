@@ -7,6 +7,10 @@ and without it Ray moves 127.0.0.1 to the machine's outward address. So, like
 SIGTERM or SIGINT stops them all, and the node's raylet dying ends it too.
 SPEC_JSON: {"ip", "num_cpus", "num_gpus", "resources", "object_store_memory"}.
 `ringpipe chaos --restart-nodes` uses it to bring a killed node back.
+`ray._private.node.Node` is private: called (not patched) the way
+`ray.cluster_utils` calls it, checked on Ray 2.60.0, the minor version
+`cluster.local.check_ray` enforces; Ray has no public way to join a node on a
+loopback address to a running cluster.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ConfigError, RingpipeConfig, auth_token
-from cluster.local import init_ray, start_local_cluster
+from cluster.local import LOOPBACK, init_ray, start_local_cluster
 from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from coordinator.service import CoordinatorSettings, Takeover
 from failover.controller import CONTROLLER_NAME, NAMESPACE, Controller, ControllerSettings
@@ -25,6 +25,18 @@ from failover.heartbeat import HeartbeatSettings
 from failover.slow import SlowSettings
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
+
+
+class NoService(Exception):
+    """The Ray cluster joined runs no ringpipe service (no controller)."""
+
+
+class NotServing(TimeoutError):
+    """The gRPC endpoint did not answer SERVING in time; the message says what to look at."""
+
+
+class PortTaken(Exception):
+    """A port the service must listen on is in use; the message names the setting that moves it."""
 
 
 @dataclass
@@ -140,6 +152,34 @@ def ensure_model(cfg: RingpipeConfig, progress: bool = True) -> str:
     return cfg.model.directory
 
 
+def running_controller(address: str):
+    """The controller of the ringpipe service on the cluster this process joined (at `address`);
+    NoService when there is none."""
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:  # what Ray raises for an actor name nobody holds
+        raise NoService(f"no ringpipe service runs in the Ray cluster at {address}: start one (`ringpipe serve`, "
+                        "`ringpipe deploy --config FILE`), or pass the --address of the cluster that runs it (the "
+                        "one `ringpipe serve` printed)") from None
+
+
+def check_ports_free(cfg: RingpipeConfig, host: str = LOOPBACK) -> None:
+    """PortTaken unless Serve's gRPC and HTTP ports can be bound on `host`, the address this machine's
+    proxy will listen on: checked before anything starts (Serve would retry the proxy forever)."""
+    import socket
+
+    for port, setting in ((cfg.server.port, "server.port, or --port"), (cfg.server.http_port, "server.http_port")):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxies do: TIME_WAIT is no conflict
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise PortTaken(f"port {port} on {host} is in use ({exc.strerror}): stop what listens there, or "
+                                f"set another port ({setting})") from None
+
+
 def start_controller(cfg: RingpipeConfig):
     """The controller of this cluster, started (it starts the replicas) unless it already runs.
 
@@ -246,5 +286,7 @@ def wait_serving(target: str, timeout_s: float) -> None:
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the gRPC endpoint {target} did not report SERVING within {timeout_s:.0f}s")
+                raise NotServing(f"the gRPC endpoint {target} did not report SERVING within {timeout_s:.0f}s: is "
+                                 "its port (server.port) taken on the proxy's node, or are the replicas still "
+                                 "loading? `serve status` and Serve's proxy log tell")
             time.sleep(0.25)

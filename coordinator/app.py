@@ -7,11 +7,12 @@ from ray import serve
 from coordinator.service import Coordinator, CoordinatorSettings
 
 APP_NAME = "ringpipe"
-# Serve's proxy calls the deployment method named like each RPC of these services
+# Serve's proxy calls the deployment method named like each RPC of these services, passing the
+# request's bytes (coordinator/servicers.py: invalid bytes become INVALID_ARGUMENT, not UNKNOWN)
 SERVICER_FUNCTIONS = [
-    "protos.ringpipe.v1.inference_pb2_grpc.add_InferenceServicer_to_server",
-    "protos.ringpipe.v1.admin_pb2_grpc.add_AdminServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "coordinator.servicers.add_inference",
+    "coordinator.servicers.add_admin",
+    "coordinator.servicers.add_health",
 ]
 
 

@@ -14,6 +14,9 @@ import math
 import secrets
 import uuid
 from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.errors import RequestError
@@ -23,6 +26,19 @@ from shards.scheduler import GenerationRequest
 MAX_ID_CHARS = 256  # request_id and session_id
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+M = TypeVar("M", bound=Message)
+
+
+def decode(request: bytes | M, message_type: type[M]) -> M:
+    """The request as a message: Serve's proxy passes the bytes a client sent (coordinator/servicers.py);
+    bytes that are not a valid `message_type` are a RequestError naming `request`. A message passes as is."""
+    if not isinstance(request, bytes):
+        return request
+    try:
+        return message_type.FromString(request)
+    except DecodeError:
+        raise RequestError("request", f"the {len(request)} bytes sent are not a valid "
+                           f"{message_type.DESCRIPTOR.full_name} message") from None
 
 
 @dataclass(frozen=True)

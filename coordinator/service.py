@@ -2,8 +2,10 @@
 
 Serve's proxy terminates gRPC and calls the method of this class named like the
 RPC (`Generate`, `GenerateStream`, `ClusterStatus`, and `Check`/`Watch` of
-grpc.health.v1); Serve's HTTP proxy calls `__call__`, the OpenAI API
-(`coordinator/openai_api.py`), which joins the same path at `run(job)`. Each coordinator replica holds the same membership (read from
+grpc.health.v1) with the bytes the client sent (coordinator/servicers.py), which
+each method decodes first: bytes that are no valid request are INVALID_ARGUMENT.
+Serve's HTTP proxy calls `__call__`, the OpenAI API (`coordinator/openai_api.py`),
+which joins the same path at `run(job)`. Each coordinator replica holds the same membership (read from
 the controller, then watched) and so the same hash ring: a key routes to the
 same pipeline replica whichever coordinator takes the call.
 
@@ -49,7 +51,7 @@ from coordinator.errors import (
 )
 from coordinator.follow import MembershipFollower
 from coordinator.openai_api import respond
-from coordinator.request import Job, Limits, parse_request
+from coordinator.request import Job, Limits, decode, parse_request
 from coordinator.routing import ReplicaStream, Router, next_unfenced, routing_key
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
@@ -58,7 +60,7 @@ from failover.metrics import metrics
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.checkpoint import load_tokenizer, read_model_args
-from shards.errors import Overloaded
+from shards.errors import Overloaded, RequestError
 
 log = logging.getLogger("ringpipe.coordinator")
 
@@ -309,10 +311,10 @@ class Coordinator:
         return await respond(self, request)
 
     # -- the RPCs
-    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+    async def Generate(self, request: bytes | pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
             self._authorize(grpc_context)
-            job = parse_request(request, self.limits, self.tokenizer)
+            job = parse_request(decode(request, pb.GenerateRequest), self.limits, self.tokenizer)
             out = pb.GenerateResponse(request_id=job.request_id)
             if job.sampling.temperature > 0:
                 out.seed = job.sampling.seed
@@ -335,10 +337,10 @@ class Coordinator:
             _fail(grpc_context, exc)
             return pb.GenerateResponse()
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None):
+    async def GenerateStream(self, request: bytes | pb.GenerateRequest, grpc_context=None):
         try:
             self._authorize(grpc_context)
-            job = parse_request(request, self.limits, self.tokenizer)
+            job = parse_request(decode(request, pb.GenerateRequest), self.limits, self.tokenizer)
             completion, first = len(job.received), True
             async for chunk in self.run(job):
                 completion += len(chunk.token_ids)
@@ -363,9 +365,10 @@ class Coordinator:
             # exception does, and the proxy then answers with the code set on the context.
             raise
 
-    async def ClusterStatus(self, request: admin_pb2.ClusterStatusRequest, grpc_context=None):
+    async def ClusterStatus(self, request: bytes | admin_pb2.ClusterStatusRequest, grpc_context=None):
         try:
             self._authorize(grpc_context)
+            decode(request, admin_pb2.ClusterStatusRequest)  # no fields yet: only checked
             self._watch_membership()
             membership, shares = self.router.membership, self.router.ring.shares()
             failovers, standbys, health, *stats = await asyncio.gather(
@@ -415,7 +418,12 @@ class Coordinator:
             return admin_pb2.ClusterStatusResponse()
 
     # grpc.health.v1: no token needed, so that load balancers and probes can ask
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+    async def Check(self, request: bytes | health_pb2.HealthCheckRequest, grpc_context=None):
+        try:
+            request = decode(request, health_pb2.HealthCheckRequest)
+        except RequestError as exc:
+            _fail(grpc_context, exc)
+            return health_pb2.HealthCheckResponse()
         if request.service not in SERVICES:
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
@@ -423,13 +431,18 @@ class Coordinator:
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=self._health())
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context=None):
+    async def Watch(self, request: bytes | health_pb2.HealthCheckRequest, grpc_context=None):
         """The health status now, and again at each change, until the client goes.
 
         Needs no token and never ends, and each open stream holds one of this replica's
         `max_ongoing_requests` while it lasts: past `max_health_watches` open here, a Watch is
         refused with RESOURCE_EXHAUSTED, so idle watchers can never take the slots generation
         needs (`Check` answers at once and is never refused)."""
+        try:
+            request = decode(request, health_pb2.HealthCheckRequest)
+        except RequestError as exc:
+            _fail(grpc_context, exc)
+            raise  # a stream that has sent nothing reaches the proxy only by raising
         if request.service not in SERVICES:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return

@@ -273,6 +273,31 @@ def test_bad_input_is_invalid_argument_naming_the_field(stubs, field, spoil):
         assert err.value.details().startswith(f"{field}:"), err.value.details()
 
 
+def test_bytes_that_are_no_message_are_invalid_argument(stubs):
+    """Serve's proxy passes the bytes on (coordinator/servicers.py): the coordinator says they are no
+    request, in the same status as any bad field (the generated handlers made this UNKNOWN in the proxy)."""
+    channel = stubs[2]
+    garbage = b"\x0a\xff\xff"  # field 1, length-delimited, a length that runs past the end
+    calls = {  # method: (its request message, streams)
+        "/ringpipe.v1.Inference/Generate": ("ringpipe.v1.GenerateRequest", False),
+        "/ringpipe.v1.Inference/GenerateStream": ("ringpipe.v1.GenerateRequest", True),
+        "/ringpipe.v1.Admin/ClusterStatus": ("ringpipe.v1.ClusterStatusRequest", False),
+        "/grpc.health.v1.Health/Check": ("grpc.health.v1.HealthCheckRequest", False),
+        "/grpc.health.v1.Health/Watch": ("grpc.health.v1.HealthCheckRequest", True),
+    }
+    for method, (message, streams) in calls.items():
+        call = (channel.unary_stream if streams else channel.unary_unary)(method)  # no serializer: raw bytes
+        with pytest.raises(grpc.RpcError) as err:
+            answer = call(garbage, timeout=30)
+            if streams:
+                list(answer)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.code(), err.value.details())
+        assert err.value.details() == f"request: the 3 bytes sent are not a valid {message} message"
+    # the stubs' own messages still pass through the bytes path
+    ok = stubs[0].Generate(pb.GenerateRequest(max_new_tokens=2, token_ids=pb.TokenIds(ids=[5, 6, 7])))
+    assert len(ok.token_ids) >= 1
+
+
 def test_bad_input_never_disturbs_a_running_stream(client, stubs, service_checkpoint):
     expected = hf_greedy(service_checkpoint, (310, 9, 9, 140), 40)
     stream = client.stream([310, 9, 9, 140], 40, ignore_eos=True)
