@@ -180,7 +180,8 @@ def run_mode(model_dir: Path, mode: str, work: Workload, replicas: int, coordina
             },
             "replicas": {"count": replicas},
             "routing": {"key": mode},
-            "server": {"port": free_port(), "http_port": free_port(), "coordinators": coordinators},
+            "server": {"port": free_port(), "http_port": free_port(), "metrics_port": 0,
+                       "coordinators": coordinators},
         }
     )
     began = time.perf_counter()

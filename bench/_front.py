@@ -100,7 +100,8 @@ def run(
                 "prefill_chunk": PREFILL_CHUNK,
             },
             "replicas": {"count": 1},
-            "server": {"port": free_port(), "http_port": free_port(), "coordinators": coordinators},
+            "server": {"port": free_port(), "http_port": free_port(), "metrics_port": 0,
+                       "coordinators": coordinators},
         }
     )
     began = time.perf_counter()

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(config: dict, ready_timeout_s: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    config = {**config, "server": {"coordinators": 1, **config.get("server", {}), "port": free_port()}}
+    config = {**config, "server": {"coordinators": 1, "metrics_port": 0, **config.get("server", {}), "port": free_port()}}
     with tempfile.TemporaryDirectory(prefix="ringpipe-bench-serve-") as tmp:
         path = Path(tmp) / "serve.yaml"
         path.write_text(yaml.safe_dump(config))

@@ -40,7 +40,7 @@ PROMPTS = [[5, 17, 99, 3], [8, 8, 1, 40, 41], [300, 12]]  # token ids: any check
 def serve(port: int, model: str | None) -> tuple[subprocess.Popen, str, str]:
     """`ringpipe serve --nodes 3`; returns the process, the gRPC target and the Ray address."""
     proc = subprocess.Popen(
-        [str(ROOT / ".venv/bin/ringpipe"), "serve", "--nodes", "3", "--port", str(port),
+        [str(ROOT / ".venv/bin/ringpipe"), "serve", "--nodes", "3", "--port", str(port), "--metrics-port", "0",
          *(["--model", model] if model else [])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )

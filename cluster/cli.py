@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tp-engine", choices=["native", "deepspeed"], default=None,
                        help="tensor-parallel layers: ours or DeepSpeed's (pipeline.tp_engine)")
     serve.add_argument("--port", type=_positive, default=None, help="gRPC port (server.port)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="local mode: Prometheus port of the head node, the worker nodes' next up; 0: any "
+                       "(server.metrics_port, default 8080)")
     serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     serve.add_argument(
         "--nodes", type=_positive, default=None,
@@ -413,6 +416,8 @@ def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
         overrides["replicas"]["standby"] = args.standby
     if args.port:
         overrides["server"]["port"] = args.port
+    if args.metrics_port is not None:
+        overrides["server"]["metrics_port"] = args.metrics_port
     if args.config:
         return load_config(args.config, overrides)
     return parse_config(merge(LOCAL_DEFAULTS, overrides), "built-in local config")
@@ -460,6 +465,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth = ", with RAY_AUTH_MODE=token: its token is ~/.ray/auth_token" if os.environ.get(
             "RAY_AUTH_MODE", "").lower() == "token" and service.mode == "local" else ""
         print(f"Ray cluster: {service.ray_address} (for --address / RAY_ADDRESS{auth})", flush=True)
+        urls = service.metrics_urls
+        print(f"Prometheus metrics: {' '.join(urls)}{' (one per node: scrape them all)' if len(urls) > 1 else ''}",
+              flush=True)
         print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)

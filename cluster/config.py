@@ -143,6 +143,11 @@ class AuthConfig(_Strict):
 class ServerConfig(_Strict):
     port: int = Field(50051, ge=1, le=65535, description="gRPC port of Serve's proxy")
     http_port: int = Field(8000, ge=1, le=65535, description="Serve's HTTP proxy port (Serve always opens one)")
+    metrics_port: int = Field(
+        8080, ge=0, le=65535,
+        description="local mode: the Prometheus port of the head's Ray metrics export (the worker nodes of --nodes: "
+        "the next ports up); 0: ports Ray picks. A joined cluster's are `ray start --metrics-export-port`'s",
+    )
     coordinators: int = Field(2, ge=1, le=256, description="coordinator replicas (Serve deployment)")
     max_ongoing_requests: int = Field(1024, ge=1, description="calls one coordinator replica takes at once")
     max_health_watches: int = Field(

@@ -165,8 +165,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            "(`ray start --head`, `ringpipe serve`) or pass its address") from exc
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> str:
-    """Connect to `address` (or RAY_ADDRESS) when given, else start a local Ray on 127.0.0.1.
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = True,
+             metrics_port: int | None = None) -> str:
+    """Connect to `address` (or RAY_ADDRESS) when given, else start a local Ray on 127.0.0.1
+    (its Prometheus metrics on `metrics_port`, if given and not 0).
 
     Returns "joined" or "local"; a Ray already initialised in this process is reused.
     """
@@ -197,18 +199,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         log_to_driver=not quiet,
         configure_logging=not quiet,
         runtime_env=LOOPBACK_HOOK,
+        _metrics_export_port=metrics_port or None,
     )
     return "local"
 
 
-def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True, netns: bool = False):
+def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True, netns: bool = False,
+                        metrics_port: int | None = None):
     """A head and `nodes` worker nodes, each a real raylet on 127.0.0.1, and this process connected.
 
     The head gets no CPUs, so stages are placed on the worker nodes (and killing one is
     a real node failure); the controller, Serve and the coordinators need none and stay
     wherever Ray puts them. Returns the `ray.cluster_utils.Cluster`; `shutdown()` it after
     `ray.shutdown()`. `netns`: each worker node in a network namespace of its own instead
-    (`NetnsCluster`: root only), so that its link can be cut.
+    (`NetnsCluster`: root only), so that its link can be cut. `metrics_port` (not 0, not netns): the
+    head's Prometheus metrics port, worker node i's the port i + 1 up; else Ray picks them.
     """
     if nodes < 1:
         raise ValueError(f"nodes must be ≥ 1, got {nodes}")
@@ -223,11 +228,13 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
     node_args = {"node_ip_address": LOOPBACK, "object_store_memory": 256 << 20}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False},
+        head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False,
+                        "metrics_export_port": metrics_port or None},
     )
     try:
-        for _ in range(nodes):
-            cluster.add_node(**node_args, num_cpus=cpus)
+        for i in range(nodes):
+            port = metrics_port + 1 + i if metrics_port else None
+            cluster.add_node(**node_args, num_cpus=cpus, metrics_export_port=port)
         cluster.wait_for_nodes()
         ray.init(
             address=cluster.address,

@@ -10,6 +10,7 @@ check. `Service.shutdown()` undoes all of it, in reverse.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,16 @@ class Service:
         import ray
 
         return ray.get_runtime_context().gcs_address
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        """Each live node's Prometheus endpoint (Ray's metrics export), the head's first, then by address
+        and port: ringpipe's metrics are exported by the node of the process that records them."""
+        import ray
+
+        nodes = sorted((HEAD_RESOURCE not in n["Resources"], n["NodeManagerAddress"], n["MetricsExportPort"])
+                       for n in ray.nodes() if n["Alive"])
+        return [f"http://{address}:{port}/metrics" for _, address, port in nodes]
 
     def shutdown(self) -> None:
         import ray
@@ -253,16 +264,19 @@ def start_service(
     stay on the head, so that cutting a node's link partitions stages, not the front)."""
     coordinator_settings(cfg)  # reads the auth tokens: fail before starting anything
     controller_settings(cfg)
-    ensure_model(cfg, progress)
     import ray
 
     owns_ray = not ray.is_initialized()
+    metrics_port = 0 if netns else cfg.server.metrics_port  # (namespaced nodes: the ports Ray picks)
+    if nodes or (owns_ray and not (address or os.environ.get("RAY_ADDRESS"))):  # a local cluster: check first
+        check_metrics_ports(metrics_port, 1 + (nodes or 0))
+    ensure_model(cfg, progress)
     local_cluster = None
     if nodes:
-        local_cluster = start_local_cluster(nodes, netns=netns)
+        local_cluster = start_local_cluster(nodes, netns=netns, metrics_port=metrics_port)
         mode = "local"
     else:
-        mode = init_ray(address)
+        mode = init_ray(address, metrics_port=metrics_port)
     controller = None
     try:
         controller = start_controller(cfg)
@@ -271,6 +285,23 @@ def start_service(
         Service(cfg, mode, "", controller, owns_ray, local_cluster).shutdown()
         raise
     return Service(cfg, mode, target, controller, owns_ray, local_cluster)
+
+
+def check_metrics_ports(port: int, count: int) -> None:
+    """A ConfigError naming `server.metrics_port` when one of the `count` ports from `port` (a local
+    cluster's nodes) is taken on loopback. (Ray's node would not start: its raylet times out after 30 s
+    without a word about the port.)"""
+    for p in range(port, port + count) if port else ():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent's HTTP server binds
+            try:
+                s.bind((LOOPBACK, p))
+            except OSError as exc:
+                nodes = f"the local cluster's {count} nodes take ports {port}-{port + count - 1}; " if count > 1 else ""
+                raise ConfigError(
+                    f"config key 'server.metrics_port': port {p} on {LOOPBACK} is taken ({exc.strerror}); "
+                    f"{nodes}choose free ones (--metrics-port), or 0 for ports Ray picks"
+                ) from None
 
 
 def wait_serving(target: str, timeout_s: float) -> None:

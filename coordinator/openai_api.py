@@ -26,8 +26,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from coordinator.errors import DeadlineExceeded, NotFound, http_status_for
+from coordinator.errors import DeadlineExceeded, NotFound, http_status_for, status_for
 from coordinator.openai_request import CHAT, OpenAIRequest, parse_openai
+from failover.metrics import count_request
 from shards.errors import RequestError
 
 log = logging.getLogger("ringpipe.coordinator")
@@ -47,20 +48,16 @@ async def respond(coordinator, request):
             raise NotFound(f"no route {path!r}: ringpipe answers {', '.join(ROUTES)}")
         if request.method != method:
             return error_response(RequestError("method", f"{path} takes {method}, not {request.method}"), 405)
-        coordinator.check_token(request.headers.get("authorization", ""), "'Authorization' header")
+        token = request.headers.get("authorization", "")
         if path == "/v1/models":
+            coordinator.check_token(token, "'Authorization' header")
             return JSONResponse(models_body(coordinator.settings.model_name))
-        raw, limit = await request.body(), coordinator.limits.max_request_bytes
-        if len(raw) > limit:
-            too_large = RequestError("body", f"{len(raw)} bytes is over the limit of {limit} bytes "
-                                             "(server.max_request_bytes)")
-            return error_response(too_large, 413)
         try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise RequestError("body", f"is not valid JSON: {exc}") from None
-        req = parse_openai(KINDS[path], body, request.headers, coordinator.limits, coordinator.tokenizer,
-                           coordinator.chat_template, coordinator.settings.model_name)
+            coordinator.check_token(token, "'Authorization' header")
+            req = await _admit(coordinator, request, KINDS[path])
+        except Exception as exc:
+            count_request(status_for(exc)[0].name)  # refused before the shared path, which counts the rest
+            raise
         timeout_s = coordinator.settings.request_timeout_s
         deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
         chunks = coordinator.run(req.job)
@@ -71,6 +68,23 @@ async def respond(coordinator, request):
         return JSONResponse(await _collect(req, coordinator.settings.model_name, first, chunks, deadline))
     except Exception as exc:  # noqa: BLE001 — every failure becomes an OpenAI error
         return error_response(exc)
+
+
+class BodyTooLarge(RequestError):
+    """A body over `server.max_request_bytes` (413)."""
+
+
+async def _admit(coordinator, request, kind: str) -> OpenAIRequest:
+    """The checked request, from its body."""
+    raw, limit = await request.body(), coordinator.limits.max_request_bytes
+    if len(raw) > limit:
+        raise BodyTooLarge("body", f"{len(raw)} bytes is over the limit of {limit} bytes (server.max_request_bytes)")
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise RequestError("body", f"is not valid JSON: {exc}") from None
+    return parse_openai(kind, body, request.headers, coordinator.limits, coordinator.tokenizer,
+                        coordinator.chat_template, coordinator.settings.model_name)
 
 
 def _route(scope: dict) -> str:
@@ -190,6 +204,8 @@ def error_response(exc: BaseException, status: int | None = None):
     from starlette.responses import JSONResponse
 
     http_status, kind, message = http_status_for(exc)
+    if isinstance(exc, BodyTooLarge):
+        http_status = 413
     if http_status == 500:
         log.error("HTTP request failed", exc_info=exc)
     return JSONResponse(_error(message, kind, _param(exc), status or http_status), status_code=status or http_status)

@@ -29,6 +29,7 @@ on a ring with nobody to take it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -56,7 +57,7 @@ from coordinator.routing import ReplicaStream, Router, next_unfenced, routing_ke
 from coordinator.text import IncrementalText
 from failover.controller import CONTROLLER_NAME, NAMESPACE
 from failover.membership import Member, Membership
-from failover.metrics import metrics
+from failover.metrics import count_request, metrics
 from protos.ringpipe.v1 import admin_pb2
 from protos.ringpipe.v1 import inference_pb2 as pb
 from shards.checkpoint import load_tokenizer, read_model_args
@@ -159,8 +160,35 @@ class Coordinator:
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise Unauthenticated(f"the token in the {where} is not valid")
 
+    def _admit(self, request: bytes | pb.GenerateRequest, grpc_context) -> Job:
+        """The request's job once its token and every field pass; a request refused here is counted."""
+        try:
+            self._authorize(grpc_context)
+            return parse_request(decode(request, pb.GenerateRequest), self.limits, self.tokenizer)
+        except Exception as exc:
+            count_request(status_for(exc)[0].name)
+            raise
+
     # -- generation
     async def run(self, job: Job) -> AsyncIterator[Chunk]:
+        """`_generate`'s chunks, the path both fronts share; the request counted once, at its end, by the
+        gRPC status it ends with (OK; CANCELLED when the client went or its deadline passed; else
+        `status_for` the failure)."""
+        status = "OK"
+        try:
+            async with contextlib.aclosing(self._generate(job)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
+            raise
+        except BaseException as exc:
+            status = status_for(exc)[0].name
+            raise
+        finally:
+            count_request(status)
+
+    async def _generate(self, job: Job) -> AsyncIterator[Chunk]:
         """The generation's chunks, routed, streamed and taken over on failure; raises when it cannot go on.
 
         A replica that fails mid-stream (its actor died, its pipeline broke) or is fenced (it left
@@ -313,8 +341,7 @@ class Coordinator:
     # -- the RPCs
     async def Generate(self, request: bytes | pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
-            self._authorize(grpc_context)
-            job = parse_request(decode(request, pb.GenerateRequest), self.limits, self.tokenizer)
+            job = self._admit(request, grpc_context)
             out = pb.GenerateResponse(request_id=job.request_id)
             if job.sampling.temperature > 0:
                 out.seed = job.sampling.seed
@@ -339,8 +366,7 @@ class Coordinator:
 
     async def GenerateStream(self, request: bytes | pb.GenerateRequest, grpc_context=None):
         try:
-            self._authorize(grpc_context)
-            job = parse_request(decode(request, pb.GenerateRequest), self.limits, self.tokenizer)
+            job = self._admit(request, grpc_context)
             completion, first = len(job.received), True
             async for chunk in self.run(job):
                 completion += len(chunk.token_ids)

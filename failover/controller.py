@@ -40,7 +40,7 @@ from failover import recovery, rounds
 from failover.adaptive import AdaptiveSettings
 from failover.heartbeat import HeartbeatSettings
 from failover.membership import Membership, encode
-from failover.metrics import metrics
+from failover.metrics import record_membership
 from failover.monitor import Monitor
 from failover.placement import Placement
 from failover.positions import Positions
@@ -231,11 +231,7 @@ class Controller:
         self._membership, self._membership_blob = membership, encode(membership)
         published, self._published = self._published, asyncio.Event()
         published.set()
-        m = metrics()
-        m.ring_size.set(len(membership.ring_ids))
-        m.members.set(len(membership.members))
-        for member in membership.members:
-            m.weight.set(member.weight, tags={"replica": member.replica_id})
+        record_membership(self.positions, membership)
         self.save()
 
     def save(self) -> None:

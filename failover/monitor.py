@@ -55,6 +55,7 @@ class Monitor:
         self.weights = AdaptiveWeights(adaptive)
         self.node_cpu: dict[str, tuple[float, float]] = {}  # node -> (fraction, when)
         self.queue_depth: dict[str, int] = {}  # pipeline -> requests its head has waiting
+        self.kv_slots_used: dict[str, int] = {}  # pipeline -> requests its head has running (each holds a slot)
         self._watched: dict[str, _Watched] = {}
         self._probes: dict[str, tuple[str, int]] = {}  # node -> the stage actor pinged for it
         self._pings: dict[tuple[str, int], asyncio.Task] = {}  # Ray pings outstanding
@@ -120,6 +121,7 @@ class Monitor:
         self.slow.forget(name)
         self.weights.forget(name)
         self.queue_depth.pop(name, None)
+        self.kv_slots_used.pop(name, None)
         for node, key in list(self._probes.items()):  # another live stage on that node is its probe now
             if key[0] != name:
                 continue
@@ -226,6 +228,7 @@ class Monitor:
         if key[1] != 0:
             return
         self.queue_depth[key[0]] = answer.get("waiting", 0)
+        self.kv_slots_used[key[0]] = answer.get("running", 0)
         if answer.get("pipeline_wait_s", 0.0) >= self.settings.timeout_s + answer.get("slowest_step_s", 0.0):
             self.liveness.died(key, self._stalled(answer))  # (the head's vigil says so first, as a rule)
             return

@@ -75,7 +75,8 @@ def pace(ctl) -> None:
 
 def renew(ctl) -> None:
     """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks; queued,
-    not waited on), and add the pings sent since the last renewal to the metric."""
+    not waited on), add the pings sent since the last renewal to the metric, and set each position's
+    queue depth and KV slots in use from its head's last heartbeat."""
     m = metrics()
     counts = ctl.monitor.ping_counts()
     for way, key in (("datagram", "datagrams"), ("ray", "ray_calls")):
@@ -87,6 +88,7 @@ def renew(ctl) -> None:
             continue
         name = slot.pipeline.name
         m.queue_depth.set(ctl.monitor.queue_depth.get(name, 0), tags={"replica": sid})
+        m.kv_slots_used.set(ctl.monitor.kv_slots_used.get(name, 0), tags={"replica": sid})
         if name not in ctl.positions.paused:
             ctl.registry.replica_alive(sid)
 

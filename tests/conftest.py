@@ -64,19 +64,24 @@ VOCAB = 512
 MAX_BATCH, MAX_QUEUE, REPLICAS, STANDBY = 4, 28, 2, 1  # 2 × (4 + 28) = 64 requests fit at once
 
 
-def free_port() -> int:
-    """A free loopback port from 20000-32767: below the kernel's ephemeral range (where bind(0) and
-    every outgoing connection draw from, so a port picked there can be taken before Serve binds it)
-    and above Ray's worker ports (10002-19999)."""
+def free_port(count: int = 1) -> int:
+    """A free loopback port from 20000-32767 (the first of `count` free in a row): below the kernel's
+    ephemeral range (where bind(0) and every outgoing connection draw from, so a port picked there
+    can be taken before Serve binds it) and above Ray's worker ports (10002-19999)."""
     rng = random.Random()
     while True:
-        port = rng.randrange(20000, 32768)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        port = rng.randrange(20000, 32768 - count)
+        if all(_free(p) for p in range(port, port + count)):
             return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,7 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
     import yaml
 
     path = directory / "service.yaml"
+    config = {**config, "server": {"metrics_port": 0, **config.get("server", {})}}  # not 8080: tests run side by side
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -137,6 +137,8 @@ def test_serve_yaml_is_valid_and_needs_its_token(monkeypatch):
         ({"failover": {"adaptive": {"stale_s": 0}}}, "failover.adaptive.stale_s"),
         ({"failover": {"adaptive": {"idle_cpu": 0.8, "hot_cpu": 0.8}}}, "failover.adaptive"),
         ({"failover": {"adaptive": {"cpu": 0.5}}}, "failover.adaptive.cpu"),
+        ({"server": {"metrics_port": -1}}, "server.metrics_port"),
+        ({"server": {"metrics_port": 65536}}, "server.metrics_port"),
     ],
 )
 def test_service_keys_are_validated_by_name(override, key):
@@ -189,3 +191,20 @@ def test_adaptive_and_slow_keys_have_their_defaults_and_reach_the_adaptive_setti
     settings = parse_config(merge(BASE, {"failover": {"adaptive": custom}})).failover.adaptive.adaptive_settings()
     assert {k: getattr(settings, k) for k in custom} == custom
     assert (settings.hot_factor, settings.idle_factor) == (0.7, 1.2)  # −30 % / +20 %: the design's steps
+
+
+def test_a_taken_metrics_port_is_one_error_naming_the_key():
+    import socket
+
+    from cluster.serve import check_metrics_ports
+    from tests.conftest import free_port
+
+    port = free_port(3)
+    check_metrics_ports(port, 3)
+    check_metrics_ports(0, 3)  # 0: Ray picks the ports
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port + 2))
+        held.listen()
+        with pytest.raises(ConfigError, match=rf"config key 'server.metrics_port': port {port + 2} on 127.0.0.1 "
+                           rf"is taken .*3 nodes take ports {port}-{port + 2}"):
+            check_metrics_ports(port, 3)

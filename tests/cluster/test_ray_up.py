@@ -18,8 +18,9 @@ The test copy of the template changes only what SSH, and three nodes sharing one
   for dead and restart them: `provider.worker_liveness_check: false`.
 - Workers use the head's temp dir unless told otherwise, and two workers starting at once on one
   machine then race for the same socket names: a `--temp-dir` per node. Dashboard agents get port 0
-  (they also listen on 127.0.0.1, where a fixed port would clash); the GCS and Ray client ports are
-  free ones, not Ray's defaults (another Ray on this machine may hold them).
+  (they also listen on 127.0.0.1, where a fixed port would clash), and their metrics export ports
+  are Ray's pick for the same reason (the template's 8080 left out); the GCS and Ray client ports
+  are free ones, not Ray's defaults (another Ray on this machine may hold them).
 - The test's checkpoint, service config and tokens replace the operator's.
 `ray up` itself runs with RAY_UP_enable_autoscaler_v2=0 (v2 counts the head among the workers) and a
 temp dir of its own, apart from the cluster's and from the machine's /tmp/ray.
@@ -206,8 +207,8 @@ def cluster_config(template: dict, base: Path, user: SshUser, key: Path, gcs_por
 
     def adapt(command: str, ray_start: str, flags: str) -> str:
         if ray_start in command:
-            assert "6379" in command, command
-            command = command.replace("6379", str(gcs_port)) + flags
+            assert "6379" in command and " --metrics-export-port=8080" in command, command
+            command = command.replace("6379", str(gcs_port)).replace(" --metrics-export-port=8080", "") + flags
         if "~/ringpipe/configs/serve.yaml" in command:  # the deploy step
             command = command.replace("~/ringpipe/configs/serve.yaml", str(base / "service.yaml"))
         return on_this_machine + command
