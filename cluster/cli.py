@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tp-engine", choices=["native", "deepspeed"], default=None,
                        help="tensor-parallel layers: ours or DeepSpeed's (pipeline.tp_engine)")
     serve.add_argument("--port", type=_positive, default=None, help="gRPC port (server.port)")
+    serve.add_argument("--http-port", type=_positive, default=None,
+                       help="HTTP port: the OpenAI API (server.http_port, default 8000)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="local mode: Prometheus port of the head node, the worker nodes' next up; 0: any "
                        "(server.metrics_port, default 8080)")
@@ -416,6 +418,8 @@ def _serve_config(args: argparse.Namespace) -> RingpipeConfig:
         overrides["replicas"]["standby"] = args.standby
     if args.port:
         overrides["server"]["port"] = args.port
+    if args.http_port:
+        overrides["server"]["http_port"] = args.http_port
     if args.metrics_port is not None:
         overrides["server"]["metrics_port"] = args.metrics_port
     if args.config:

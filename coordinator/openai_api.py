@@ -104,12 +104,20 @@ async def _next(chunks: AsyncIterator, deadline: float | None):
         raise DeadlineExceeded("the request ran past its deadline (server.request_timeout_s)") from None
 
 
+async def _end(chunks: AsyncIterator) -> None:
+    """Let the generation run past its last chunk to its end, where it records the request's
+    metrics as finished (closed before that, it would count as cancelled)."""
+    if await anext(chunks, None) is not None:
+        raise RuntimeError("the generation went on after its finish reason")
+
+
 async def _collect(req: OpenAIRequest, model: str, first, chunks, deadline) -> dict:
     text, count, chunk = [], 0, first
     while True:
         text.append(chunk.text_delta)
         count += len(chunk.token_ids)
         if chunk.finish_reason:
+            await _end(chunks)
             break
         chunk = await _next(chunks, deadline)
     body = _envelope(req, model, stream=False)
@@ -136,6 +144,7 @@ async def _events(req: OpenAIRequest, model: str, first, chunks, deadline) -> As
                 content = {"content": chunk.text_delta} if chunk.text_delta else {}
                 yield _sse(_stream_chunk(req, model, content if req.kind == CHAT else chunk.text_delta, None))
             if finish:
+                await _end(chunks)
                 yield _sse(_stream_chunk(req, model, {} if req.kind == CHAT else "", finish))
                 break
             chunk = await _next(chunks, deadline)

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections import defaultdict
 
+import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,13 +27,13 @@ pytestmark = pytest.mark.slow
 
 def test_serve_with_worker_nodes(make_checkpoint, tmp_path):
     checkpoint = make_checkpoint("llama", tokenizer=True, vocab=512, layers=4, hidden=64)
-    port, metrics_port = free_port(), free_port(3)
+    port, http_port, metrics_port = free_port(), free_port(), free_port(3)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 — read back below
     server = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "serve", "--model", str(checkpoint), "--nodes", "2",
-         "--replicas", "1", "--stages", "2", "--port", str(port), "--metrics-port", str(metrics_port)],
+         "--replicas", "1", "--stages", "2", "--port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     started: list[int] = []
@@ -69,7 +70,13 @@ def test_serve_with_worker_nodes(make_checkpoint, tmp_path):
         bad = subprocess.run([*cli, "generate", "--prompt-ids", "7,9999", "--target", target], capture_output=True,
                              text=True, env=env)
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr, bad.stderr
-        assert_metrics_moved(urls, before, max_batch=8)
+        # the OpenAI API at the URL it printed, with the official client
+        base_url = re.search(r"OpenAI API: (\S+) \(model \"([^\"]+)\"\)", (tmp_path / "serve.log").read_text())
+        assert base_url[1] == f"http://127.0.0.1:{http_port}/v1" and base_url[2] == checkpoint.name
+        api = openai.OpenAI(base_url=base_url[1], api_key="unused", max_retries=0, timeout=60)
+        answer = api.completions.create(model=base_url[2], prompt=[5, 17, 99, 3], max_tokens=6, temperature=0)
+        assert answer.usage.completion_tokens == len(json.loads(out.stdout.splitlines()[-1])["token_ids"])
+        assert_metrics_moved(urls, before, max_batch=8, answered=3)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -104,9 +111,9 @@ def scrape(urls: list[str]) -> dict[tuple[str, frozenset], float]:
     return samples
 
 
-def assert_metrics_moved(urls: list[str], before: dict, max_batch: int) -> None:
-    """After two answered requests and one refused one: the latency histograms, the requests by status
-    and the controller's gauges, as exported (Ray's agents export every few seconds: polled)."""
+def assert_metrics_moved(urls: list[str], before: dict, max_batch: int, answered: int) -> None:
+    """After `answered` answered requests (gRPC and HTTP, one streamed) and one refused one: the latency
+    histograms, the requests by status and the controller's gauges, as exported (Ray's agents export every few seconds: polled)."""
     def value(seen: dict, name: str, **labels: str) -> float:
         return seen.get((f"ray_ringpipe_{name}", frozenset(labels.items())), 0.0)
 
@@ -119,13 +126,17 @@ def assert_metrics_moved(urls: list[str], before: dict, max_batch: int) -> None:
     def exported() -> bool:
         seen.clear()
         seen.update(scrape(urls))
-        return (moved(seen, "time_to_first_token_seconds_count", 2)
-                and moved(seen, "time_per_output_token_seconds_count", 2)
-                and moved(seen, "requests_total", 2, status="OK")
+        return (moved(seen, "time_to_first_token_seconds_count", answered)
+                and moved(seen, "time_per_output_token_seconds_count", answered)
+                and moved(seen, "requests_total", answered, status="OK")
                 and moved(seen, "requests_total", 1, status="INVALID_ARGUMENT")
                 and ("ray_ringpipe_kv_slots_used", frozenset(replica.items())) in seen)
 
-    wait_for(exported, 90, "ringpipe's metrics to move after the requests")
+    try:
+        wait_for(exported, 90, "ringpipe's metrics to move after the requests")
+    except AssertionError:
+        moves = {k: v - before.get(k, 0.0) for k, v in seen.items() if v != before.get(k, 0.0) and "bucket" not in k[0]}
+        raise AssertionError(f"ringpipe's metrics did not move as expected; what moved: {moves}") from None
     names = {name for name, _ in seen}
     assert {"ray_ringpipe_time_to_first_token_seconds_bucket", "ray_ringpipe_time_per_output_token_seconds_bucket",
             "ray_ringpipe_in_flight", "ray_ringpipe_queue_depth", "ray_ringpipe_replica_weight",
