@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import threading
 import time
@@ -42,24 +41,6 @@ from cluster.node_fault import GRACE_S as FAULT_DELAY_S
 
 POLL_S = 0.2
 RESTART_TRIES = 3  # starts of a killed node (`--restart-nodes`) before its fault is left unrecovered
-
-
-def duration(text: str) -> float:
-    """Seconds from "90", "30s", "10m", "1.5h"."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not match:
-        raise ValueError(f"expected a duration like 30s, 10m or 1h, got {text!r}")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
-
-
-def interval(text: str) -> tuple[float, float]:
-    """"30s" → (30, 30); "30-60s" → (30, 60): each gap drawn uniformly from the range."""
-    low, _, high = text.partition("-")
-    unit = re.sub(r"[\d.\s]", "", high or low)
-    bounds = (duration(low if not high else low + unit), duration(high or low))
-    if bounds[0] <= 0 or bounds[0] > bounds[1]:
-        raise ValueError(f"expected a positive duration or range like 30-60s, got {text!r}")
-    return bounds
 
 
 @dataclass(frozen=True)
@@ -313,16 +294,16 @@ def cmd_chaos(args) -> int:
     try:
         settings = ChaosSettings(
             target=args.target, report=args.report, faults=tuple(args.fault or ("kill-node",)),
-            every_s=interval(args.every), duration_s=duration(args.duration), seed=args.seed,
-            restart_nodes=args.restart_nodes, warmup_s=duration(args.warmup), cooldown_s=duration(args.cooldown),
-            pause_s=duration(args.pause), slow_s=duration(args.slow), partition_s=duration(args.partition),
+            every_s=args.every, duration_s=args.duration, seed=args.seed,  # durations: parsed by argparse
+            restart_nodes=args.restart_nodes, warmup_s=args.warmup, cooldown_s=args.cooldown,
+            pause_s=args.pause, slow_s=args.slow, partition_s=args.partition,
             pool=args.pool,
             sampled_fraction=args.sampled_fraction,
             prompts=tuple(Path(args.prompts).read_text().splitlines()) if args.prompts else (),
             load=LoadSettings(
                 concurrency=None if args.rate else args.concurrency, rate=args.rate,
                 max_new_tokens=args.max_new_tokens, stream_fraction=args.stream_fraction,
-                request_timeout_s=duration(args.request_timeout),
+                request_timeout_s=args.request_timeout,
             ),
         )
     except (ValueError, OSError) as exc:

@@ -41,6 +41,7 @@ from cluster.config import (
     merge,
     parse_config,
 )
+from cluster.durations import duration_arg, interval_arg
 
 EXAMPLES = """examples:
   ringpipe serve                                   # demo model, 2 replicas x 2 stages, 127.0.0.1:50051
@@ -184,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chaos.add_argument("--fault", action="append", choices=FAULTS,
                        help="fault kind, repeatable: each fault is drawn from these (default: kill-node)")
-    chaos.add_argument("--every", default="30s", help="time between faults: 30s, or a range 30-60s")
-    chaos.add_argument("--duration", default="10m", help="how long faults are injected (s, m, h)")
+    chaos.add_argument("--every", type=interval_arg, default="30s", help="time between faults: 30s, or a range 30-60s")
+    chaos.add_argument("--duration", type=duration_arg, default="10m", help="how long faults are injected (s, m, h)")
     chaos.add_argument("--seed", type=int, default=0, help="draws faults, targets, gaps and requests")
     chaos.add_argument("--report", type=Path, required=True, help="directory for the report")
     chaos.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the gRPC endpoint")
@@ -201,12 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of the pool sampled with a fixed seed (the rest greedy)")
     chaos.add_argument("--pool", type=_positive, default=16, help="distinct requests, each with its reference")
     chaos.add_argument("--prompts", type=Path, help="text prompts, one per line (default: random token ids < 256)")
-    chaos.add_argument("--warmup", default="10s", help="load before the first fault")
-    chaos.add_argument("--cooldown", default="20s", help="load after the last fault has recovered")
-    chaos.add_argument("--pause", default="5s", help="how long pause-node stops a node")
-    chaos.add_argument("--slow", default="10s", help="how long slow-node hogs a node's CPUs")
-    chaos.add_argument("--partition", default="20s", help="how long partition-node cuts a node's links")
-    chaos.add_argument("--request-timeout", default="120s", help="deadline of each request")
+    chaos.add_argument("--warmup", type=duration_arg, default="10s", help="load before the first fault")
+    chaos.add_argument("--cooldown", type=duration_arg, default="20s", help="load after the last fault has recovered")
+    chaos.add_argument("--pause", type=duration_arg, default="5s", help="how long pause-node stops a node")
+    chaos.add_argument("--slow", type=duration_arg, default="10s", help="how long slow-node hogs a node's CPUs")
+    chaos.add_argument("--partition", type=duration_arg, default="20s", help="how long partition-node cuts a node's links")
+    chaos.add_argument("--request-timeout", type=duration_arg, default="120s", help="deadline of each request")
     for action in chaos._actions:
         if action.help and action.default not in (None, False, argparse.SUPPRESS):
             action.help += " (default: %(default)s)"

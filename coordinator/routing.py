@@ -68,6 +68,12 @@ class Router:
         self.in_flight[replica_id] += change
         metrics().in_flight.set(self.in_flight[replica_id], tags={"replica": replica_id})
 
+    def record_in_flight(self) -> None:
+        """Set the in-flight gauge of every member again (Ray's metrics agent drops a gauge its
+        process has not set for a while)."""
+        for member in self.membership.members:
+            metrics().in_flight.set(self.in_flight[member.replica_id], tags={"replica": member.replica_id})
+
     def fence(self, member: Member) -> asyncio.Event:
         """Set when `member` leaves the membership (at once if it already has)."""
         fence = self._fences.get(member.key)

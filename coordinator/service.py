@@ -66,6 +66,7 @@ from shards.errors import Overloaded, RequestError
 log = logging.getLogger("ringpipe.coordinator")
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
+GAUGE_REFRESH_S = 5.0  # Ray's metrics agent drops a gauge not set for a while (Ray 2.60: some 30 s)
 SERVICES = ("", "ringpipe.v1.Inference", "ringpipe.v1.Admin")  # names grpc.health.v1 answers for
 
 
@@ -130,6 +131,7 @@ class Coordinator:
         self.controller = ray.get_actor(settings.controller, namespace=settings.namespace)
         self.router = Router(ray.get(self.controller.membership.remote()), settings.vnodes, settings.load_factor)
         self._watcher: asyncio.Task | None = None
+        self._gauges: asyncio.Task | None = None  # sets this coordinator's gauges again every GAUGE_REFRESH_S
         self._changed = asyncio.Event()  # set, and replaced, at every membership change: what waiters wait on
         self._health_watches = 0  # grpc.health.v1 Watch streams open now
 
@@ -139,6 +141,13 @@ class Coordinator:
             follower = MembershipFollower(self.controller, self._apply, self.router.membership.epoch,
                                           self.settings.watch_timeout_s)
             self._watcher = asyncio.get_running_loop().create_task(follower.run())
+        if self._gauges is None or self._gauges.done():
+            self._gauges = asyncio.get_running_loop().create_task(self._record_gauges())
+
+    async def _record_gauges(self) -> None:
+        while True:
+            self.router.record_in_flight()
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     def _apply(self, membership: Membership) -> None:
         self.router.apply(membership)

@@ -176,6 +176,11 @@ class Controller:
         """A new value each time Ray (re)starts the controller."""
         return self._incarnation
 
+    @property
+    def membership_now(self) -> Membership:
+        """The last membership published (in-process: what `membership` answers remote callers)."""
+        return self._membership
+
     async def membership(self) -> Membership:
         await self._ready.wait()
         return self._membership

@@ -23,7 +23,7 @@ import time
 
 from failover import recovery
 from failover.heartbeat import Verdict
-from failover.metrics import metrics
+from failover.metrics import metrics, record_membership
 
 log = logging.getLogger("ringpipe.controller")
 MIN_SLEEP_S = 0.01  # the shortest sleep: events closer than this are taken together
@@ -76,8 +76,11 @@ def pace(ctl) -> None:
 def renew(ctl) -> None:
     """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks; queued,
     not waited on), add the pings sent since the last renewal to the metric, and set each position's
-    queue depth and KV slots in use from its head's last heartbeat."""
+    queue depth and KV slots in use from its head's last heartbeat. The membership's gauges are set
+    again too: Ray's metrics agent drops a gauge its process has not set for a while (seen with Ray
+    2.60: a gauge set only at a publish was missing from every third scrape or so)."""
     m = metrics()
+    record_membership(ctl.positions, ctl.membership_now)
     counts = ctl.monitor.ping_counts()
     for way, key in (("datagram", "datagrams"), ("ray", "ray_calls")):
         if counts[key] > ctl.pings_counted.get(key, 0):

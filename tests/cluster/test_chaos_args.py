@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.chaos_run import duration, interval
+from cluster.durations import duration, interval
 from cluster.load import make_pool
 
 

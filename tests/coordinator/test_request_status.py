@@ -24,7 +24,7 @@ def counted(monkeypatch) -> list[str]:
 
 
 def coordinator(generate=None, auth_token: str | None = None) -> Coordinator:
-    c = Coordinator.__new__(Coordinator)  # no controller, no model: only what admission and `_run` read
+    c = Coordinator.__new__(Coordinator)  # no controller, no model: only what admission and `run` read
     c.settings = CoordinatorSettings(model_dir="", max_seq_len=64, max_new_tokens=8, auth_token=auth_token)
     c.limits = Limits(vocab_size=16, max_seq_len=64, max_new_tokens=8, max_request_bytes=1 << 20)
     c.tokenizer = None
@@ -38,7 +38,7 @@ def chunk(n: int, reason: str | None = None) -> Chunk:
 
 
 async def drain(c: Coordinator) -> list[Chunk]:
-    return [x async for x in c._run(None)]
+    return [x async for x in c.run(None)]
 
 
 def test_an_answered_request_counts_once_as_ok(counted):
@@ -72,7 +72,7 @@ def test_a_client_gone_counts_as_cancelled_and_closes_the_generation(counted):
             closed.append(True)  # where the replica stream is cancelled
 
     async def stop_reading():  # a caller that stops after the first chunk (GeneratorExit)
-        stream = coordinator(generate)._run(None)
+        stream = coordinator(generate).run(None)
         await anext(stream)
         await stream.aclose()
 
@@ -95,5 +95,5 @@ def test_a_request_refused_at_admission_counts_as_its_status(counted):
     good = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), max_new_tokens=4)
     with pytest.raises(Exception, match="authorization"):
         coordinator(auth_token="secret")._admit(good, None)
-    assert coordinator()._admit(good, None).prompt == (1, 2)  # admitted: counted at its end, by `_run`
+    assert coordinator()._admit(good, None).prompt == (1, 2)  # admitted: counted at its end, by `run`
     assert counted == ["INVALID_ARGUMENT", "UNAUTHENTICATED"]
