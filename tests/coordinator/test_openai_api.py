@@ -7,7 +7,6 @@ against transformers (`hf_greedy`) in the same test; chat prompts are rendered b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import openai
 import pytest
 
 from coordinator.client import Client
-from coordinator.service import Takeover
 from protos.ringpipe.v1 import inference_pb2 as pb
 from protos.ringpipe.v1 import inference_pb2_grpc
 from tests.conftest import MAX_BATCH, MAX_QUEUE, REPLICAS
-from tests.coordinator.test_service import _deploy, all_slots_free
+from tests.coordinator.test_service import all_slots_free
 from tests.reference import hf_greedy, wait_for
 
 PROMPT = [5, 17, 99, 3]
@@ -141,39 +139,6 @@ def test_errors_are_openai_shaped_with_their_status(service, model):
         assert http.get("/nothing").status_code == 404 and "error" in http.get("/nothing").json()
         # a bad request does not cost the next one anything
         assert http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
-
-
-def _base_url(service, app: str) -> str:
-    return service.openai_base_url.removesuffix("/v1") + f"/{app}/v1"
-
-
-def test_bearer_token_deadline_and_no_replica(service, ray_cluster, model):
-    from ray import serve
-
-    from failover.controller import NAMESPACE, Controller, ControllerSettings
-
-    _deploy(service, "authed", auth_token="s3cret", request_timeout_s=0.2)
-    empty = Controller.options(name="empty-http-controller", namespace=NAMESPACE).remote(
-        service.cfg.replica_spec(), ControllerSettings(replicas=1), "empty-http-controller")
-    _deploy(service, "empty", controller="empty-http-controller", takeover=dataclasses.replace(Takeover(), wait_s=1.0))
-    try:
-        for key in ("unused", "wrong"):
-            with pytest.raises(openai.AuthenticationError) as err:
-                _openai(_base_url(service, "authed"), api_key=key).models.list()
-            assert _error(err.value)["code"] == "invalid_api_key"
-        api = _openai(_base_url(service, "authed"), api_key="s3cret")
-        assert [m.id for m in api.models.list()] == [model]
-        # 480 tokens take far longer than 0.2 s, on any machine
-        with pytest.raises(openai.APIStatusError) as err:
-            api.completions.create(model=model, prompt=PROMPT, max_tokens=480, temperature=0)
-        assert err.value.status_code == 504 and "server.request_timeout_s" in _error(err.value)["message"]
-        with pytest.raises(openai.APIStatusError) as err:
-            _openai(_base_url(service, "empty")).completions.create(model=model, prompt=PROMPT, max_tokens=3)
-        assert err.value.status_code == 503 and "no live pipeline replica" in _error(err.value)["message"]
-    finally:
-        serve.delete("authed")
-        serve.delete("empty")
-        ray_cluster.kill(empty)
 
 
 def test_a_full_cluster_is_429(service, grpc_client, model):

@@ -448,10 +448,20 @@ def _deploy(service, name: str, **changes):
     return (("application", name),)
 
 
-def test_bearer_token_auth(service, stubs):
+def _openai_at(service, app: str, api_key: str = "unused"):
+    """The official OpenAI client on the OpenAI API of the Serve app `app` (deployed by `_deploy`)."""
+    import openai
+
+    base_url = service.openai_base_url.removesuffix("/v1") + f"/{app}/v1"
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
+
+
+def test_bearer_token_auth_and_the_http_deadline(service, stubs):
+    """Both fronts: the token is required and checked; over HTTP, server.request_timeout_s is a 504."""
+    import openai
     from ray import serve
 
-    app = _deploy(service, "authed", auth_token="s3cret")
+    app = _deploy(service, "authed", auth_token="s3cret", request_timeout_s=0.2)
     try:
         req = pb.GenerateRequest(max_new_tokens=3)
         req.token_ids.ids.extend([5, 6, 7])
@@ -465,11 +475,24 @@ def test_bearer_token_auth(service, stubs):
         good = app + (("authorization", "Bearer s3cret"),)
         assert len(stubs[0].Generate(req, metadata=good).token_ids) >= 1
         assert len(stubs[1].ClusterStatus(admin_pb2.ClusterStatusRequest(), metadata=good).replicas) == REPLICAS
+        for key in ("unused", "wrong"):
+            with pytest.raises(openai.AuthenticationError) as err:
+                _openai_at(service, "authed", api_key=key).models.list()
+            assert err.value.response.json()["error"]["code"] == "invalid_api_key"
+        api = _openai_at(service, "authed", api_key="s3cret")
+        model = service.cfg.model.served_name
+        assert [m.id for m in api.models.list()] == [model]
+        with pytest.raises(openai.APIStatusError) as err:  # 480 tokens take far longer than 0.2 s, anywhere
+            api.completions.create(model=model, prompt=[5, 6, 7], max_tokens=480, temperature=0)
+        assert err.value.status_code == 504
+        assert "server.request_timeout_s" in err.value.response.json()["error"]["message"]
     finally:
         serve.delete("authed")
 
 
 def test_no_live_replica_is_unavailable(service, stubs, ray_cluster):
+    """UNAVAILABLE over gRPC, 503 over HTTP, once takeover.wait_s has passed with nobody to take it."""
+    import openai
     from ray import serve
 
     from failover.controller import NAMESPACE, Controller, ControllerSettings
@@ -491,6 +514,11 @@ def test_no_live_replica_is_unavailable(service, stubs, ray_cluster):
         health = health_pb2_grpc.HealthStub(stubs[2])
         status = health.Check(health_pb2.HealthCheckRequest(), metadata=app).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(openai.APIStatusError) as err:
+            _openai_at(service, "empty").completions.create(model=service.cfg.model.served_name, prompt=[5, 6, 7],
+                                                            max_tokens=3)
+        assert err.value.status_code == 503
+        assert "no live pipeline replica" in err.value.response.json()["error"]["message"]
     finally:
         serve.delete("empty")
         ray_cluster.kill(empty)
