@@ -88,6 +88,7 @@ class Controller:
         self._membership_blob = encode(self._membership)  # encoded once per epoch, whatever the watchers
         self._tasks: set[asyncio.Task] = set()
         self.pings_counted: dict[str, int] = {}  # ping counts already added to the metric
+        self.gauges_recorded_at = 0.0  # monotonic time the membership's gauges were last set (rounds.renew)
         self._loaded = False  # the registry has been read (recovery may still be running)
         self._boot_task = self.spawn(self._boot())
 

@@ -29,6 +29,9 @@ log = logging.getLogger("ringpipe.controller")
 MIN_SLEEP_S = 0.01  # the shortest sleep: events closer than this are taken together
 
 
+GAUGE_REFRESH_S = 5.0  # well inside the ~30 s after which Ray's agent dropped a gauge not set again
+
+
 async def run(ctl) -> None:
     hb = ctl.settings.heartbeat
     tick, renewed, woke = min(0.1, hb.interval_s / 4), 0.0, time.monotonic()
@@ -77,10 +80,12 @@ def renew(ctl) -> None:
     """Tell the registry which ring positions passed their heartbeats (Consul's TTL checks; queued,
     not waited on), add the pings sent since the last renewal to the metric, and set each position's
     queue depth and KV slots in use from its head's last heartbeat. The membership's gauges are set
-    again too: Ray's metrics agent drops a gauge its process has not set for a while (seen with Ray
+    again too, every GAUGE_REFRESH_S: Ray's metrics agent drops a gauge its process has not set for a while (seen with Ray
     2.60: a gauge set only at a publish was missing from every third scrape or so)."""
     m = metrics()
-    record_membership(ctl.positions, ctl.membership_now)
+    if time.monotonic() - ctl.gauges_recorded_at >= GAUGE_REFRESH_S:
+        ctl.gauges_recorded_at = time.monotonic()
+        record_membership(ctl.positions, ctl.membership_now)
     counts = ctl.monitor.ping_counts()
     for way, key in (("datagram", "datagrams"), ("ray", "ray_calls")):
         if counts[key] > ctl.pings_counted.get(key, 0):
