@@ -99,8 +99,6 @@ def main(argv: list[str] | None = None) -> None:
                      for _ in range(biggest)]
     from transformers import AutoModelForCausalLM
 
-    from shards.spec import DTYPES
-
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     config = {
@@ -142,7 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.model_dir is None:
             shutil.rmtree(model_dir, ignore_errors=True)
-    del DTYPES
     write(args, runs, time.perf_counter() - began, argv)
 
 

@@ -506,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UnsupportedRay, NoRayCluster) as exc:
         return _fail(str(exc))
     prepare_local(getattr(args, "address", None))  # before anything imports Ray
+    from cluster.errors import NoService, NotServing, PortTaken
     from cluster.netns import NetnsError
-    from cluster.serve import NoService, NotServing, PortTaken
     from shards.errors import ShardsError
 
     try:

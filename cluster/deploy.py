@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.config import ConfigError, RingpipeConfig, load_config
+from cluster.errors import NoService
 from cluster.local import check_ray, find_cluster, init_ray
 from cluster.serve import (
-    NoService,
     controller_settings,
     coordinator_settings,
     ensure_model,

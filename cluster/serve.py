@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.config import ConfigError, RingpipeConfig, auth_token
+from cluster.errors import NoService, NotServing, PortTaken
 from cluster.local import LOOPBACK, init_ray, start_local_cluster
 from coordinator.app import APP_NAME, SERVICER_FUNCTIONS, build_app
 from coordinator.service import CoordinatorSettings, Takeover
@@ -26,18 +27,6 @@ from failover.heartbeat import HeartbeatSettings
 from failover.slow import SlowSettings
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it to the head node only
-
-
-class NoService(Exception):
-    """The Ray cluster joined runs no ringpipe service (no controller)."""
-
-
-class NotServing(TimeoutError):
-    """The gRPC endpoint did not answer SERVING in time; the message says what to look at."""
-
-
-class PortTaken(Exception):
-    """A port the service must listen on is in use; the message names the setting that moves it."""
 
 
 @dataclass

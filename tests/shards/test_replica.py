@@ -59,7 +59,9 @@ def start_replica(model_dir: Path, stages: int, **overrides) -> Replica:
     return replica
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
+# one stage holds every layer, embedding and head together (qwen2's tied head beside its embedding);
+# three have a first, a middle and a last stage, every kind of cut (two stages: `llama2` below)
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_greedy_matches_transformers(ray_cluster, checkpoints, arch, stages):
     expected = [hf_greedy(checkpoints[arch], tuple(p), NEW_TOKENS) for p in PROMPTS[:2]]
@@ -265,9 +267,10 @@ def test_bfloat16_replica(ray_cluster, checkpoints):
 
 
 # native: plain GQA and GLM's fused gate_up (qwen2's biases go through the same slicing as DeepSpeed's,
-# `test_tp_load.py`); deepspeed: all four
+# `test_tp_load.py`); deepspeed: qwen2 (llama's layers plus biases) and GLM. Mistral differs from llama
+# only in its attention mask, which tensor parallelism does not touch.
 @pytest.mark.parametrize(("arch", "engine"), [("llama", "native"), ("glm", "native"),
-                                             *((arch, "deepspeed") for arch in ("llama", "qwen2", "mistral", "glm"))])
+                                             ("qwen2", "deepspeed"), ("glm", "deepspeed")])
 def test_tensor_parallel_stages_match_transformers(ray_cluster, checkpoints, arch, engine):
     """Two stages of two tensor-parallel ranks each (Gloo all-reduce on CPU), with our layers or
     DeepSpeed's, give transformers' tokens (GQA, qwen2's biases, GLM's fused gate_up and partial
