@@ -72,16 +72,17 @@ def resume_stage(target: StageProcess) -> None:
         pass  # killed while paused: the controller shut it down after the takeover
 
 
-def throttle_stage(target: StageProcess, run_s: float, stop_s: float, duration_s: float) -> threading.Thread:
-    """A throttled host, as a cgroup CPU quota throttles one: for `duration_s` the stage's process
-    runs `run_s` of every `run_s + stop_s` (SIGSTOP, SIGCONT), so its steps and its answers to pings
-    are late, and nothing else on the machine is. On this machine's processes (a local cluster);
-    returns the thread doing it (it ends with the process running)."""
+def throttle_stage(target: StageProcess, run_s: float, stop_s: float, duration_s: float,
+                   done: threading.Event | None = None) -> threading.Thread:
+    """A throttled host, as a cgroup CPU quota throttles one: for `duration_s`, or until `done` is set,
+    the stage's process runs `run_s` of every `run_s + stop_s` (SIGSTOP, SIGCONT), so its steps and its
+    answers to pings are late, and nothing else on the machine is. On this machine's processes (a local
+    cluster); returns the thread doing it (it ends with the process running)."""
 
     def throttle() -> None:
         until = time.monotonic() + duration_s
         try:
-            while time.monotonic() < until:
+            while time.monotonic() < until and not (done is not None and done.is_set()):
                 os.kill(target.pid, signal.SIGSTOP)
                 time.sleep(stop_s)
                 os.kill(target.pid, signal.SIGCONT)

@@ -38,11 +38,20 @@ def _hf_model(model_dir: Path):
 
 
 def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    """Polls `condition` until it holds: every 50 ms at first, backing off to every 0.5 s, and never
+    more often than the condition itself takes (a status call, a scrape of every node's metrics): on
+    2 cores the polling must not starve the system it waits for."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    interval = 0.05
+    while True:
+        began = time.monotonic()
+        if condition():
+            return
+        spent = time.monotonic() - began
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(max(interval, spent))
+        interval = min(0.5, interval * 1.5)
 
 
 def stop_started(proc, started, sig: int, timeout_s: float = 120.0) -> None:
