@@ -5,12 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
-# the config (and so every `ringpipe` command) reads this module: torch is imported only where a
-# dtype is asked for, so a command that never touches a tensor starts in a fraction of a second
-DTYPES = ("float32", "bfloat16", "float16")
+if TYPE_CHECKING:  # the config, and so every `ringpipe` command, reads this module: torch is imported
+    import torch  # only where a dtype is asked for, so a command that never touches a tensor starts fast
 
 
 @dataclass(frozen=True)
