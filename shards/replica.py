@@ -110,18 +110,18 @@ class Replica:
         replica._pg = ray.util.get_placement_group(replica.pg_name)
         return replica
 
-    def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(), avoid_wait_s: float = 3.0,
+    def place(self, timeout_s: float = 300.0, avoid: frozenset[str] = frozenset(),
               hard_wait_s: float = 60.0) -> list[str]:
         """Reserve the stages' resources (the placement group: one bundle per stage, its tensor-parallel
         ranks together); returns the node id of each bundle.
 
         `avoid`: nodes to keep off (other replicas' nodes, so that one node's failure takes one
         replica, not several), asked of Ray through each bundle's label selector on
-        `ray.io/node-id`. Hard where it fits: when the live nodes outside `avoid` have the
-        resources for every bundle (`fits_off`), the group waits up to `hard_wait_s` for them
-        (what a retiring replica holds takes seconds to come back). Soft where it does not: it tries them
-        for `avoid_wait_s`. Either way it is then placed anywhere rather than not at all, and
-        `ringpipe status` says which replicas share a node."""
+        `ray.io/node-id`. Where the live nodes outside `avoid` are big enough for every bundle
+        (`fits_off`), the group waits up to `hard_wait_s` for room there (what a retiring replica
+        holds comes back within seconds), and stops waiting as soon as that stops being so
+        (`_placed_off`: a node found dead). Else, or after that, it is placed anywhere rather than
+        not at all, and `ringpipe status` says which replicas share a node."""
         spec = self.spec
         # one bundle per stage, holding its tensor-parallel ranks (one process each): a bundle is on
         # one node, so a stage's all-reduces never cross the network, while the strategy spreads stages
@@ -130,19 +130,17 @@ class Replica:
         bundles = [dict(bundle) for _ in self.plans]
         lifetime = {"lifetime": "detached"} if self.detached else {}
         if avoid:
-            hard = fits_off(avoid, bundles, distinct=spec.placement_strategy == "STRICT_SPREAD")
-            selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid))})"} for _ in bundles]
-            self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name,
-                                       bundle_label_selector=selector, **lifetime)
-            wait_s = min(timeout_s, hard_wait_s) if hard else avoid_wait_s
-            try:
-                ray.get(self._pg.ready(), timeout=wait_s)
-                return self._bundle_nodes()
-            except ray.exceptions.GetTimeoutError:
+            distinct = spec.placement_strategy == "STRICT_SPREAD"
+            why = "the live nodes outside them are too small for it"
+            if fits_off(avoid, bundles, distinct):
+                selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid))})"} for _ in bundles]
+                self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name,
+                                           bundle_label_selector=selector, **lifetime)
+                why = self._placed_off(avoid, bundles, distinct, min(timeout_s, hard_wait_s))
+                if why is None:
+                    return self._bundle_nodes()
                 remove_placement_group(self._pg)
-                if hard:
-                    log.warning("%s: not placed off the other replicas' nodes within %.0fs though they had room; "
-                                "placing it anywhere", self.name, wait_s)
+            log.warning("%s: not placed off the other replicas' nodes (%s); placing it anywhere", self.name, why)
         self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name, **lifetime)
         try:
             ray.get(self._pg.ready(), timeout=timeout_s)
@@ -150,6 +148,22 @@ class Replica:
             self.shutdown()
             raise
         return self._bundle_nodes()
+
+    def _placed_off(self, avoid: frozenset[str], bundles: list[dict[str, float]], distinct: bool, wait_s: float,
+                    poll_s: float = 0.5) -> str | None:
+        """Wait for the placement group kept off `avoid`: None once it is placed, else why not — `wait_s`
+        passed, or it no longer fits there: Ray's scheduler calls it infeasible, or `fits_off` says no
+        (a node that looked alive when the wait began has since been found dead)."""
+        ready, deadline = self._pg.ready(), time.monotonic() + wait_s
+        while True:
+            done, _ = ray.wait([ready], timeout=max(0.0, min(poll_s, deadline - time.monotonic())))
+            if done:
+                return None
+            if (placement_group_table(self._pg)["stats"]["scheduling_state"] == "INFEASIBLE"
+                    or not fits_off(avoid, bundles, distinct)):
+                return "a node outside them was found dead; the others are too small for it"
+            if time.monotonic() >= deadline:
+                return f"no room came free outside them within {wait_s:.0f}s"
 
     def _bundle_nodes(self) -> list[str]:
         table = placement_group_table(self._pg)["bundles_to_node_id"]
@@ -286,7 +300,8 @@ def fits_off(avoid: frozenset[str], bundles: list[dict[str, float]], distinct: b
     node's total resources; `distinct`: one bundle a node at most, as STRICT_SPREAD places them).
 
     Totals, not what is free this moment: resources a retiring replica still holds come back within
-    seconds, and the cluster having room is what decides between keeping replicas apart and not."""
+    seconds, and the cluster having room is what decides between keeping replicas apart and not.
+    "Live" is as Ray sees it: a node that died is counted until Ray's health checks find it dead."""
     room = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"] and n["NodeID"] not in avoid]
     for b in bundles:
         node = next((res for res in room if all(res.get(k, 0.0) >= v for k, v in b.items())), None)

@@ -1,4 +1,5 @@
-"""Replicas kept on disjoint nodes: hard where the cluster has room, soft where it does not.
+"""Replicas kept on disjoint nodes: waited for where the nodes outside the avoided ones are big enough
+but busy, placed anywhere where they are too small.
 
 Real placement groups on the session's multi-node local Ray cluster (a head without CPUs and 3
 worker nodes); no stage actor is started.
@@ -6,12 +7,14 @@ worker nodes); no stage actor is started.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from cluster.chaos import kill_node
 from shards.replica import Replica, fits_off
 from shards.spec import ReplicaSpec
 
@@ -42,8 +45,8 @@ def test_room_is_judged_on_the_nodes_outside_those_avoided(ray_cluster):
 
 
 def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(ray_cluster, spec):
-    """The nodes it may use are full for a while (as when a dead replica is being retired), longer
-    than the soft wait: it waits, and lands on them, not on the avoided node that has room."""
+    """The nodes it may use are full for a while (as when a dead replica is being retired): it waits,
+    and lands on them, not on the avoided node that has room."""
     nodes = workers(ray_cluster)
     avoid, others = frozenset(nodes[:1]), nodes[1:]
     assert free_cpus(nodes[0]) >= 2  # the avoided node could take it: only the rule keeps it off
@@ -53,9 +56,9 @@ def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(
     ray_cluster.get(blocker.ready(), timeout=60)
     replica, placed = Replica(spec), []
     try:
-        placing = threading.Thread(target=lambda: placed.extend(replica.place(60, avoid, avoid_wait_s=3.0)))
+        placing = threading.Thread(target=lambda: placed.extend(replica.place(60, avoid, hard_wait_s=60)))
         placing.start()
-        time.sleep(6.0)  # twice the soft wait
+        time.sleep(3.0)
         assert placing.is_alive()  # still waiting for room off the avoided node
         remove_placement_group(blocker)
         placing.join(60)
@@ -65,11 +68,42 @@ def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(
         replica.shutdown()
 
 
-def test_a_replica_shares_nodes_when_the_cluster_has_no_room_apart(ray_cluster, spec):
+@pytest.mark.parametrize("avoided", [3, 2], ids=["every-node", "all-but-a-node-too-small"])
+def test_a_replica_shares_nodes_when_the_cluster_has_no_room_apart(ray_cluster, spec, avoided):
+    """Off the avoided nodes it cannot fit even once they are empty (no node left, or one node too small
+    for both stages' 4 CPUs each): it is placed anywhere, without the wait kept for room that is
+    coming back (600 s here; the call is given 120 s)."""
     nodes = workers(ray_cluster)
-    replica = Replica(spec)
+    big = dataclasses.replace(spec, cpus_per_stage=4.0) if avoided == 2 else spec
+    replica, placed = Replica(big), []
     try:
-        placed = replica.place(60, frozenset(nodes), avoid_wait_s=1.0)
-        assert len(placed) == 2 and set(placed) <= set(nodes)  # placed all the same, on avoided nodes
+        placing = threading.Thread(target=lambda: placed.extend(replica.place(600, frozenset(nodes[:avoided]),
+                                                                               hard_wait_s=600)))
+        placing.start()
+        placing.join(120)
+        assert not placing.is_alive(), "still waiting for room off the avoided nodes that cannot come"
+        assert len(placed) == 2 and set(placed) <= set(nodes), placed
+        if avoided == 2:
+            assert set(placed) & set(nodes[:2]), placed  # placed on an avoided node: the third is too small
+    finally:
+        replica.shutdown()
+
+
+def test_a_replica_stops_waiting_for_a_node_found_dead(local_cluster, ray_cluster, spec):
+    """The only node outside the avoided ones dies as the replica starts waiting for it (as when a
+    rebuild follows a node's loss before Ray's health checks have noticed it): once Ray finds the node
+    dead, it is placed on the others, without the wait kept for room that is coming back (600 s)."""
+    nodes = workers(ray_cluster)
+    extra = local_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=128 << 20, num_cpus=6)
+    local_cluster.wait_for_nodes()
+    kill_node(local_cluster, extra.node_id)
+    replica, placed = Replica(spec), []
+    try:
+        assert fits_off(frozenset(nodes), [{"CPU": 1.0}] * 2)  # Ray still counts the dead node alive
+        placing = threading.Thread(target=lambda: placed.extend(replica.place(600, frozenset(nodes), hard_wait_s=600)))
+        placing.start()
+        placing.join(120)  # Ray's health checks take ~15 s
+        assert not placing.is_alive(), "still waiting for room on a dead node"
+        assert len(placed) == 2 and set(placed) <= set(nodes), placed
     finally:
         replica.shutdown()
