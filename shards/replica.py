@@ -131,7 +131,7 @@ class Replica:
         lifetime = {"lifetime": "detached"} if self.detached else {}
         if avoid:
             distinct = spec.placement_strategy == "STRICT_SPREAD"
-            why = "the live nodes outside them are too small for it"
+            why = "the live nodes outside them are too few or too small for it"
             if fits_off(avoid, bundles, distinct):
                 selector = [{"ray.io/node-id": f"!in({','.join(sorted(avoid))})"} for _ in bundles]
                 self._pg = placement_group(bundles, strategy=spec.placement_strategy, name=self.pg_name,
