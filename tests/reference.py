@@ -54,41 +54,59 @@ def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> Non
         interval = min(0.5, interval * 1.5)
 
 
-def stop_started(proc, started, sig: int, timeout_s: float = 120.0) -> None:
+def stop_started(proc, started, sig: int, timeout_s: float = 120.0, linger_s: float = 30.0) -> dict:
     """Stop `proc` (started with `start_new_session=True`) with `sig`, its whole group if it does not
-    exit within `timeout_s`, then SIGKILL whatever of `started` (pids it started) is still there."""
+    exit within `timeout_s`; give what it started (`started`, pids) `linger_s` to go, then SIGKILL what
+    is left. Returns {"code": its exit status, "left": the pids that had to be killed}."""
     import os
     import signal
     import subprocess
 
     import psutil
 
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     proc.send_signal(sig)
     try:
-        proc.wait(timeout_s)
+        code = proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(1)
-    for pid in started:
-        if psutil.pid_exists(pid):
+        code = proc.wait()
+    deadline = time.monotonic() + linger_s
+    while (left := [p for p in started if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return {"code": code, "left": left}
 
 
 @dataclasses.dataclass(frozen=True)
 class Served:
-    """A `ringpipe serve` started by a test: its gRPC target, its Ray address, the env it ran with."""
+    """A `ringpipe serve` started by a test: its gRPC target, its Ray address, the env it ran with, its
+    output; once stopped, `stopped` says how (`stop_started`'s answer)."""
 
     target: str
     address: str
     env: dict
     pid: int
+    log: Path
+    stopped: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
-def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float = 300.0, *flags: str):
+def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float = 300.0, *flags: str,
+                   env: dict | None = None):
     """`ringpipe serve --config … --nodes N [flags]` as an operator starts it (its own session, its
-    output in `directory`/serve.log), yielded as `Served` once it printed its Ray address; stopped with
-    Ctrl-C after, and whatever it started killed if still there."""
+    output in `directory`/serve.log, `env` added to its environment), yielded as `Served` once it
+    printed its Ray address; stopped with Ctrl-C after, and whatever it started killed if still there
+    30 s later (`Served.stopped` says what was)."""
     import os
     import re
     import signal
@@ -101,7 +119,7 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
     path = directory / "service.yaml"
     config = {**config, "server": {"metrics_port": 0, **config.get("server", {})}}  # not 8080: tests run side by side
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     log_path = directory / "serve.log"
     with open(log_path, "w") as log:
@@ -109,6 +127,7 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
                                    "--nodes", str(nodes), *flags],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     started: set[int] = set()
+    served = None
 
     def descendants() -> set[int]:
         try:
@@ -125,6 +144,9 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
         text = log_path.read_text()
         target, address = re.search(r" on (\S+) \(gRPC\)", text)[1], re.search(r"Ray cluster: (\S+)", text)[1]
         started = descendants()
-        yield Served(target, address, env, server.pid)
+        served = Served(target, address, env, server.pid, log_path)
+        yield served
     finally:
-        stop_started(server, started | descendants(), signal.SIGINT)
+        stopped = stop_started(server, started | descendants(), signal.SIGINT)
+        if served is not None:
+            served.stopped.update(stopped)

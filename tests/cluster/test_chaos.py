@@ -1,17 +1,28 @@
-"""`ringpipe chaos` as an operator runs it, against `ringpipe serve --nodes 4` (a head and 4 worker
-nodes, real raylets on 127.0.0.1): every fault kind under load, nodes restarted, the report checked
-against what it claims; and a run whose requests cannot succeed exits 1."""
+"""`ringpipe serve --nodes 4` (a head and 4 worker nodes, real raylets on 127.0.0.1) as a user runs it,
+and `ringpipe chaos` as an operator runs it against that.
+
+First what serve started: each replica's stages on nodes of their own, nothing listening beyond
+loopback, gRPC and the OpenAI API answering, the Prometheus endpoints it printed showing ringpipe's
+metrics moving with the requests sent. Then chaos: every fault kind under load, nodes restarted, the
+report checked against what it claims; and a run whose requests cannot succeed exits 1. Last, Ctrl-C
+stops every process serve started."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
+from collections import defaultdict
+from types import SimpleNamespace
 
+import openai
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from tests.reference import hf_greedy, ringpipe_serve, wait_for
@@ -20,24 +31,72 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
 KINDS = ("kill-node", "kill-actor", "kill-coordinator", "pause-node", "slow-node")
 MAX_NEW = 16
+NODES, MAX_BATCH = 4, 4
 
 
 @pytest.fixture(scope="module")
 def served(make_checkpoint, tmp_path_factory):
-    """(gRPC target, Ray address, checkpoint, env) of `ringpipe serve --nodes 4`; stopped with Ctrl-C after."""
-    checkpoint = make_checkpoint("llama", vocab=512, layers=4, hidden=64)
+    """`ringpipe serve --nodes 4`: its gRPC target, Ray address, env, pid and output, the checkpoint and
+    the metrics port; stopped with Ctrl-C after, which must leave nothing of what it started running."""
+    checkpoint = make_checkpoint("llama", tokenizer=True, vocab=512, layers=4, hidden=64)
+    metrics_port = free_port(NODES + 1)
     config = {
         "model": {"path": str(checkpoint)},
-        "pipeline": {"stages": 2, "max_batch": 4, "max_seq_len": 128, "cpus_per_stage": 0.5},
+        "pipeline": {"stages": 2, "max_batch": MAX_BATCH, "max_seq_len": 128, "cpus_per_stage": 0.5},
         "replicas": {"count": 2, "standby": 1},
-        "server": {"port": free_port(), "http_port": free_port(), "coordinators": 2},
+        "server": {"port": free_port(), "http_port": free_port(), "coordinators": 2, "metrics_port": metrics_port},
     }
-    with ringpipe_serve(config, tmp_path_factory.mktemp("chaos"), nodes=4, timeout_s=240) as serving:
-        yield serving.target, serving.address, checkpoint, serving.env
+    # Ray's processes report their metrics to their node's agent every second (10 by default): the
+    # scrapes see the requests sooner
+    with ringpipe_serve(config, tmp_path_factory.mktemp("chaos"), NODES, 240,
+                        env={"RAY_metrics_report_interval_ms": "1000"}) as serving:
+        yield SimpleNamespace(target=serving.target, address=serving.address, env=serving.env, pid=serving.pid,
+                              log=serving.log, checkpoint=checkpoint, metrics_port=metrics_port)
+    assert serving.stopped["code"] == 0, serving.log.read_text()[-3000:]
+    assert not serving.stopped["left"], f"processes left running 30 s after Ctrl-C: {serving.stopped['left']}"
+
+
+def test_serve_with_worker_nodes(served):
+    checkpoint, env, target = served.checkpoint, served.env, served.target
+    wait_for(lambda: "Prometheus metrics: " in served.log.read_text(), 30, "serve to print its metrics URLs")
+    log = served.log.read_text()
+    started = psutil.Process(served.pid).children(recursive=True)
+    raylets = [p for p in started if "raylet" in p.name()]
+    assert len(raylets) == NODES + 1, [p.name() for p in raylets]  # the head and each worker node
+    # nothing it started listens beyond loopback: Ray, Serve's proxy and replicas, the stages' stores
+    listening = {(proc.name(), c.laddr.ip, c.laddr.port) for proc in [psutil.Process(served.pid), *started]
+                 for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert listening and all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip, _ in listening), sorted(listening)
+
+    # the head's metrics on the pinned port, each worker node's on the next ones up
+    urls = re.findall(r"http://\S+/metrics", re.search(r"Prometheus metrics: .*", log)[0])
+    assert urls == [f"http://127.0.0.1:{served.metrics_port + i}/metrics" for i in range(NODES + 1)]
+    before = scrape(urls)
+
+    status = json.loads(subprocess.run([*CLI, "status", "--target", target, "--json"], capture_output=True,
+                                       text=True, env=env, check=True).stdout)
+    nodes = [{s["node_id"] for s in r["stages"]} for r in status["replicas"]]
+    assert [len(n) for n in nodes] == [2, 2]  # SPREAD: each stage on a node of its own
+    assert not nodes[0] & nodes[1]  # and the replicas on disjoint nodes: one node lost takes one replica
+    out = subprocess.run([*CLI, "generate", "--prompt-ids", "5,17,99,3", "--max-new-tokens", "6", "--json",
+                          "--target", target], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout.splitlines()[-1])["token_ids"] == hf_greedy(checkpoint, (5, 17, 99, 3), 6)
+    subprocess.run([*CLI, "generate", "--prompt-ids", "7,8", "--max-new-tokens", "4", "--stream",
+                    "--target", target], capture_output=True, env=env, check=True)
+    bad = subprocess.run([*CLI, "generate", "--prompt-ids", "7,9999", "--target", target], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr, bad.stderr
+    # the OpenAI API at the URL it printed, with the official client
+    base_url = re.search(r"OpenAI API: (\S+) \(model \"([^\"]+)\"\)", log)
+    assert base_url[2] == checkpoint.name
+    api = openai.OpenAI(base_url=base_url[1], api_key="unused", max_retries=0, timeout=60)
+    answer = api.completions.create(model=base_url[2], prompt=[5, 17, 99, 3], max_tokens=6, temperature=0)
+    assert answer.usage.completion_tokens == len(json.loads(out.stdout.splitlines()[-1])["token_ids"])
+    assert_metrics_moved(urls, before, max_batch=MAX_BATCH, answered=3, replicas=2, standbys=1)
 
 
 def chaos(served, report, *args: str, timeout: float = 400) -> tuple[subprocess.CompletedProcess, dict]:
-    target, address, _, env = served
+    target, address, env = served.target, served.address, served.env
     done = subprocess.run([*CLI, "chaos", "--address", address, "--target", target, "--report", str(report),
                            "--max-new-tokens", str(MAX_NEW), *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
@@ -61,7 +120,7 @@ def stop_restarted_nodes():
 
 
 def test_every_fault_under_load_loses_nothing(served, tmp_path):
-    _, _, checkpoint, _ = served
+    checkpoint = served.checkpoint
     report = tmp_path / "report"
     done, record = chaos(served, report, *(f"--fault={k}" for k in KINDS), "--every", "9s", "--duration", "40s",
                          "--warmup", "3s", "--cooldown", "5s", "--pause", "4s", "--slow", "4s",
@@ -111,3 +170,63 @@ def test_broken_invariants_fail_the_run(served, tmp_path):
     failed = [r for r in record["requests"] if not r["ok"]]
     assert failed and all(r["error"].startswith("DEADLINE_EXCEEDED") for r in failed)
     assert "INVARIANT BROKEN" in done.stderr and "DEADLINE_EXCEEDED" in (report / "summary.md").read_text()
+
+
+RINGPIPE_LABELS = {"replica", "kind", "action", "reason", "status", "state", "way", "le"}  # not Ray's own
+
+
+def scrape(urls: list[str]) -> dict[tuple[str, frozenset], float]:
+    """Every `ray_ringpipe_*` sample on every node, by name and ringpipe's labels (summed over Ray's:
+    node, worker, session)."""
+    samples: dict[tuple[str, frozenset], float] = defaultdict(float)
+    for url in urls:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith("ray_ringpipe_"):
+                    labels = frozenset((k, v) for k, v in s.labels.items() if k in RINGPIPE_LABELS)
+                    samples[(s.name, labels)] += s.value
+    return samples
+
+
+def assert_metrics_moved(urls: list[str], before: dict, max_batch: int, answered: int, replicas: int,
+                         standbys: int) -> None:
+    """After `answered` answered requests (gRPC and HTTP, one streamed) and one refused one: the latency
+    histograms, the requests by status and the controller's gauges, as exported (Ray's agents export
+    every few seconds: polled)."""
+    def value(seen: dict, name: str, **labels: str) -> float:
+        return seen.get((f"ray_ringpipe_{name}", frozenset(labels.items())), 0.0)
+
+    def moved(seen: dict, name: str, by: float, **labels: str) -> bool:
+        return value(seen, name, **labels) >= value(before, name, **labels) + by
+
+    replica = {"replica": "replica-0"}
+    seen: dict = {}
+    gauges = {"ray_ringpipe_time_to_first_token_seconds_bucket", "ray_ringpipe_time_per_output_token_seconds_bucket",
+              "ray_ringpipe_in_flight", "ray_ringpipe_queue_depth", "ray_ringpipe_replica_weight",
+              "ray_ringpipe_heartbeat_pings_total", "ray_ringpipe_kv_slots", "ray_ringpipe_replica_state"}
+
+    def exported() -> bool:
+        seen.clear()
+        seen.update(scrape(urls))
+        return (moved(seen, "time_to_first_token_seconds_count", answered)
+                and moved(seen, "time_per_output_token_seconds_count", answered)
+                and moved(seen, "requests_total", answered, status="OK")
+                and moved(seen, "requests_total", 1, status="INVALID_ARGUMENT")
+                and ("ray_ringpipe_kv_slots_used", frozenset(replica.items())) in seen
+                and gauges <= {name for name, _ in seen})
+
+    try:
+        wait_for(exported, 90, "ringpipe's metrics to move after the requests")
+    except AssertionError:
+        moves = {k: v - before.get(k, 0.0) for k, v in seen.items() if v != before.get(k, 0.0) and "bucket" not in k[0]}
+        missing = gauges - {name for name, _ in seen}
+        raise AssertionError(f"ringpipe's metrics did not move as expected; what moved: {moves}; "
+                             f"not exported: {sorted(missing)}") from None
+    assert value(seen, "ring_size") == value(seen, "members") == replicas and value(seen, "standbys") == standbys
+    assert {s: value(seen, "replica_state", **replica, state=s) for s in ("serving", "paused", "rebuilding")} == {
+        "serving": 1, "paused": 0, "rebuilding": 0}
+    assert value(seen, "kv_slots", **replica) == max_batch
+    assert 0 <= value(seen, "kv_slots_used", **replica) <= max_batch
+    assert value(seen, "time_to_first_token_seconds_bucket", le="+Inf") == value(
+        seen, "time_to_first_token_seconds_count")

@@ -441,7 +441,10 @@ def test_chaos_against_the_cluster_loses_nothing(cluster, tmp_path):
 def test_ray_down_leaves_nothing_running(cluster):
     done = cluster.ray_down()
     assert done.returncode == 0, cluster.logs()
-    # `ray down` returns once `ray stop` has; SSH sessions outlive it by ControlPersist (10 s)
+    # `ray down` returns once `ray stop` has. The SSH connections it (as us) and the head's autoscaler
+    # (as the test user) opened stay up ControlPersist (10 s) after their last use, and with them
+    # their sessions' processes on the "nodes": close those clients, then nothing may be left
+    stop_all(our_ssh_clients(cluster.base / "id_ed25519") + [p for p in cluster.user.processes() if p.name() == "ssh"])
     deadline = time.monotonic() + 40
     while cluster.user.processes() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -1,7 +1,7 @@
 """Each generation request is counted once, at its end, by the gRPC status it ends with
 (`ray_ringpipe_requests_total{status}`): answered, refused at admission, failed, or cancelled by the
 client. The coordinator is built without Ray: its generation is a fake, the counter a list.
-(Exported and scraped for real: tests/cluster/test_serve_nodes.py.)"""
+(Exported and scraped for real: tests/cluster/test_chaos.py.)"""
 
 from __future__ import annotations
 

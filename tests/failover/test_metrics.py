@@ -1,7 +1,7 @@
 """ringpipe's metrics as declared (`failover/metrics.py`) against what names them elsewhere: the Grafana
 dashboard's queries and the README's table; and the replica states the controller records. No Ray
 cluster: Ray's metric classes are replaced by recorders. (Exported for real, scraped and parsed:
-tests/cluster/test_serve_nodes.py.)"""
+tests/cluster/test_chaos.py.)"""
 
 from __future__ import annotations
 
