@@ -159,9 +159,10 @@ class Replica:
             done, _ = ray.wait([ready], timeout=max(0.0, min(poll_s, deadline - time.monotonic())))
             if done:
                 return None
-            if (placement_group_table(self._pg)["stats"]["scheduling_state"] == "INFEASIBLE"
-                    or not fits_off(avoid, bundles, distinct)):
-                return "a node outside them was found dead; the others are too small for it"
+            if placement_group_table(self._pg)["stats"]["scheduling_state"] == "INFEASIBLE":
+                return "Ray's scheduler finds it infeasible there"
+            if not fits_off(avoid, bundles, distinct):
+                return "a node outside them was found dead; the live ones are too few or too small for it"
             if time.monotonic() >= deadline:
                 return f"no room came free outside them within {wait_s:.0f}s"
 

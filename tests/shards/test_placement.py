@@ -50,9 +50,11 @@ def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(
     nodes = workers(ray_cluster)
     avoid, others = frozenset(nodes[:1]), nodes[1:]
     assert free_cpus(nodes[0]) >= 2  # the avoided node could take it: only the rule keeps it off
-    held = [(n, free_cpus(n)) for n in others]
-    blocker = placement_group([{"CPU": cpus} for _, cpus in held if cpus > 0], strategy="SPREAD",
-                              bundle_label_selector=[{"ray.io/node-id": n} for n, cpus in held if cpus > 0])
+    # every CPU of the other nodes held (not what looks free now: an earlier test's actors may still be
+    # giving theirs back)
+    total = {n["NodeID"]: n["Resources"]["CPU"] for n in ray_cluster.nodes() if n["NodeID"] in others}
+    blocker = placement_group([{"CPU": total[n]} for n in others], strategy="SPREAD",
+                              bundle_label_selector=[{"ray.io/node-id": n} for n in others])
     ray_cluster.get(blocker.ready(), timeout=60)
     replica, placed = Replica(spec), []
     try:

@@ -175,7 +175,8 @@ def test_cancel_frees_slot(llama2):
 
 
 def test_killed_stage_fails_fast_and_frees_survivors(ray_cluster, checkpoints):
-    replica = start_replica(checkpoints["llama"], 3)
+    # the stage after the killed one learns of it when its receive times out: 3 s here, not 10
+    replica = start_replica(checkpoints["llama"], 3, transport_timeout_s=3.0, keepalive_s=0.5)
     try:
         outcome: dict[str, object] = {}
         got_tokens = threading.Event()
