@@ -114,7 +114,7 @@ def service(ray_cluster, service_checkpoint):
 # worker beside everything else, which keeps its order on the first (`pytest_xdist_make_scheduler`).
 # They use no session cluster, and find their clusters by address or in a PID namespace of their own,
 # never as "the one on this machine".
-SIDE = {"tests/cluster/test_ray_up.py", "tests/cluster/test_cli.py", "tests/shards/test_placement.py"}
+SIDE = {"tests/cluster/test_ray_up.py", "tests/cluster/test_cli.py"}
 
 
 def pytest_xdist_make_scheduler(config, log):

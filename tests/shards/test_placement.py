@@ -1,11 +1,8 @@
 """Replicas kept on disjoint nodes: waited for where the nodes outside the avoided ones are big enough
 but busy, placed anywhere where they are too small.
 
-Real placement groups on a multi-node local Ray cluster of this module's own (a head without CPUs
-and 3 worker nodes of 6 CPUs, each a real raylet on 127.0.0.1): a test kills a node, and with no
-session cluster the module runs on the second test worker (`SIDE` in tests/conftest.py), where most
-of its time, waiting for Ray to find a node dead, costs the other worker nothing. No stage actor is
-started.
+Real placement groups on the session's multi-node local Ray cluster (a head without CPUs and 3
+worker nodes); no stage actor is started.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import threading
 import time
 
 import pytest
-import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster.chaos import kill_node
@@ -23,18 +19,7 @@ from shards.replica import Replica, fits_off
 from shards.spec import ReplicaSpec
 
 
-@pytest.fixture(scope="module")
-def own_cluster():
-    """This module's `ray.cluster_utils.Cluster`, this process connected to it."""
-    from cluster.local import start_local_cluster
-
-    local = start_local_cluster(nodes=3, cpus_per_node=6)
-    yield local
-    ray.shutdown()
-    local.shutdown()
-
-
-def workers() -> list[str]:
+def workers(ray) -> list[str]:
     return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
 
 
@@ -49,8 +34,8 @@ def spec(make_checkpoint) -> ReplicaSpec:
     return ReplicaSpec(model_dir=str(make_checkpoint("llama", layers=2)), stages=2, placement_strategy="SPREAD")
 
 
-def test_room_is_judged_on_the_nodes_outside_those_avoided(own_cluster):
-    nodes = workers()
+def test_room_is_judged_on_the_nodes_outside_those_avoided(ray_cluster):
+    nodes = workers(ray_cluster)
     assert len(nodes) == 3
     two = [{"CPU": 1.0}] * 2
     assert fits_off(frozenset(nodes[:1]), two)
@@ -59,18 +44,18 @@ def test_room_is_judged_on_the_nodes_outside_those_avoided(own_cluster):
     assert not fits_off(frozenset(nodes[:2]), [{"CPU": 7.0}])  # bigger than any node
 
 
-def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(own_cluster, spec):
+def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(ray_cluster, spec):
     """The nodes it may use are full for a while (as when a dead replica is being retired): it waits,
     and lands on them, not on the avoided node that has room."""
-    nodes = workers()
+    nodes = workers(ray_cluster)
     avoid, others = frozenset(nodes[:1]), nodes[1:]
     assert free_cpus(nodes[0]) >= 2  # the avoided node could take it: only the rule keeps it off
     # every CPU of the other nodes held (not what looks free now: an earlier test's actors may still be
     # giving theirs back)
-    total = {n["NodeID"]: n["Resources"]["CPU"] for n in ray.nodes() if n["NodeID"] in others}
+    total = {n["NodeID"]: n["Resources"]["CPU"] for n in ray_cluster.nodes() if n["NodeID"] in others}
     blocker = placement_group([{"CPU": total[n]} for n in others], strategy="SPREAD",
                               bundle_label_selector=[{"ray.io/node-id": n} for n in others])
-    ray.get(blocker.ready(), timeout=60)
+    ray_cluster.get(blocker.ready(), timeout=60)
     replica, placed = Replica(spec), []
     try:
         placing = threading.Thread(target=lambda: placed.extend(replica.place(60, avoid, hard_wait_s=60)))
@@ -86,11 +71,11 @@ def test_a_replica_waits_for_room_off_the_avoided_nodes_when_the_cluster_has_it(
 
 
 @pytest.mark.parametrize("avoided", [3, 2], ids=["every-node", "all-but-a-node-too-small"])
-def test_a_replica_shares_nodes_when_the_cluster_has_no_room_apart(own_cluster, spec, avoided):
+def test_a_replica_shares_nodes_when_the_cluster_has_no_room_apart(ray_cluster, spec, avoided):
     """Off the avoided nodes it cannot fit even once they are empty (no node left, or one node too small
     for both stages' 4 CPUs each): it is placed anywhere, without the wait kept for room that is
     coming back (600 s here; the call is given 120 s)."""
-    nodes = workers()
+    nodes = workers(ray_cluster)
     big = dataclasses.replace(spec, cpus_per_stage=4.0) if avoided == 2 else spec
     replica, placed = Replica(big), []
     try:
@@ -106,14 +91,14 @@ def test_a_replica_shares_nodes_when_the_cluster_has_no_room_apart(own_cluster, 
         replica.shutdown()
 
 
-def test_a_replica_stops_waiting_for_a_node_found_dead(own_cluster, spec):
+def test_a_replica_stops_waiting_for_a_node_found_dead(local_cluster, ray_cluster, spec):
     """The only node outside the avoided ones dies as the replica starts waiting for it (as when a
     rebuild follows a node's loss before Ray's health checks have noticed it): once Ray finds the node
     dead, it is placed on the others, without the wait kept for room that is coming back (600 s)."""
-    nodes = workers()
-    extra = own_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=128 << 20, num_cpus=6)
-    own_cluster.wait_for_nodes()
-    kill_node(own_cluster, extra.node_id)
+    nodes = workers(ray_cluster)
+    extra = local_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=128 << 20, num_cpus=6)
+    local_cluster.wait_for_nodes()
+    kill_node(local_cluster, extra.node_id)
     replica, placed = Replica(spec), []
     try:
         assert fits_off(frozenset(nodes), [{"CPU": 1.0}] * 2)  # Ray still counts the dead node alive
