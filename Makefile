@@ -32,7 +32,7 @@ run: $(STAMP)
 	$(VENV)/bin/ringpipe run --model $(DEMO_DIR) --stages 2 --prompt "$(PROMPT)" --max-new-tokens 48
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

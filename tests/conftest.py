@@ -108,36 +108,14 @@ def service(ray_cluster, service_checkpoint):
     svc.shutdown()
 
 
-# Modules that start clusters of their own and spend about half their time waiting on SSH, process
-# start-up and Ray's own teardown (measured: the machine 0.47-0.55 busy through them, against 0.7-0.9
-# for the failover and chaos tests). Under `make test` (pytest-xdist, 2 workers) they run on a second
-# worker beside everything else, which keeps its order on the first (`pytest_xdist_make_scheduler`).
-# They use no session cluster, and find their clusters by address or in a PID namespace of their own,
-# never as "the one on this machine".
-SIDE = {"tests/cluster/test_ray_up.py", "tests/cluster/test_cli.py"}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """Two work units: the `SIDE` modules, and everything else in the order below."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class SideAndMain(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "side" if nodeid.split("::")[0] in SIDE else "main"
-
-    return SideAndMain(config, log)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that need no session cluster run first (those that start no cluster at all first among
-    them), then those on the bare cluster, then those on the service: the session's cluster and service
-    stay up once started, and an idle service's Ray processes alone keep a fifth of this machine's 2
-    cores busy, slowing every test after it."""
-    rank: dict[str, tuple[int, int]] = {}
+    """Modules that need no session cluster run first, then those on the bare cluster, then those on
+    the service: the session's cluster and service stay up once started, and an idle service's Ray
+    processes alone keep a fifth of this machine's 2 cores busy, slowing every test after it."""
+    rank: dict[str, int] = {}
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         level = 2 if "service" in uses else 1 if uses & {"local_cluster", "ray_cluster"} else 0
         module = item.nodeid.split("::")[0]
-        slow = item.get_closest_marker("slow") is not None
-        rank[module] = max(rank.get(module, (0, 0)), (level, int(slow)))
+        rank[module] = max(rank.get(module, 0), level)
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: file order within a rank
