@@ -204,6 +204,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     return "local"
 
 
+# How the GCS checks the nodes of a local multi-node cluster (every node a process on this machine):
+# each second, and dead after 3 checks in a row failed, where Ray's defaults (every 3 s, 5 failures)
+# take 15 s to find a killed node dead; a pipeline on it is rebuilt elsewhere only then
+# (`Replica.place`). A killed raylet refuses the check at once; a stopped or starved one still has
+# Ray's 10 s per check (`health_check_timeout_ms`, unchanged) to answer. Not for nodes in network
+# namespaces (`NetnsCluster`): a node whose link is cut times out instead, and Ray's own pace decides
+# there how long a partition it rides out.
+LOCAL_HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
 def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: bool = True, netns: bool = False,
                         metrics_port: int | None = None):
     """A head and `nodes` worker nodes, each a real raylet on 127.0.0.1, and this process connected.
@@ -229,7 +239,7 @@ def start_local_cluster(nodes: int, cpus_per_node: int | None = None, quiet: boo
     cluster = Cluster(
         initialize_head=True,
         head_node_args={**node_args, "num_cpus": 0, "include_dashboard": False,
-                        "metrics_export_port": metrics_port or None},
+                        "metrics_export_port": metrics_port or None, "_system_config": LOCAL_HEALTH_CHECK},
     )
     try:
         for i in range(nodes):
