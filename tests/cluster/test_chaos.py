@@ -122,7 +122,7 @@ def stop_restarted_nodes():
 def test_every_fault_under_load_loses_nothing(served, tmp_path):
     checkpoint = served.checkpoint
     report = tmp_path / "report"
-    done, record = chaos(served, report, *(f"--fault={k}" for k in KINDS), "--every", "9s", "--duration", "40s",
+    done, record = chaos(served, report, *(f"--fault={k}" for k in KINDS), "--every", "8s", "--duration", "33s",
                          "--warmup", "3s", "--cooldown", "5s", "--pause", "4s", "--slow", "4s",
                          "--restart-nodes", "--concurrency", "3", "--seed", "7")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
