@@ -42,7 +42,7 @@ run: $(STAMP)
 	$(RUN) $(VENV)/bin/ringpipe run --model $(DEMO_DIR) --stages 2 --prompt "$(PROMPT)" --max-new-tokens 48
 
 test: $(STAMP)
-	$(RUN) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(RUN) $(PY) -m pytest -q -p no:cacheprovider -n 2 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -108,14 +108,39 @@ def service(ray_cluster, service_checkpoint):
     svc.shutdown()
 
 
+# `make test` runs two pytest-xdist workers: `ray up` (tests/cluster/test_ray_up.py) on the second,
+# everything else in the order below on the first. That module's cluster runs as a user of its own
+# over SSH and spends most of its 1.5 min waiting (on SSH, on nodes joining, on `ray down`'s polls:
+# the machine measured 0.5 busy through it), so it costs the first worker little; and it is first on
+# its worker, so its nodes start while the first worker runs what starts no cluster (unit tests, the
+# CLI's one-node Rays), not beside a multi-node start-up: Ray gives a starting node's raylet 30 s to
+# register (ray/_private/node.py), which a node starting beside `ringpipe serve --nodes 4` on 2 busy
+# cores once missed.
+SIDE = {"tests/cluster/test_ray_up.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Two work units, each whole on one worker: the `SIDE` modules, and everything else in its order.
+    (xdist's `--dist loadgroup` would do it with markers, but under pytest 9 it groups nothing.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SideAndMain(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "side" if nodeid.split("::")[0] in SIDE else "main"
+
+    return SideAndMain(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that need no session cluster run first, then those on the bare cluster, then those on
-    the service: the session's cluster and service stay up once started, and an idle service's Ray
-    processes alone keep a fifth of this machine's 2 cores busy, slowing every test after it."""
-    rank: dict[str, int] = {}
+    """Modules that need no session cluster run first (those that start no multi-node cluster of their
+    own first among them), then those on the bare cluster, then those on the service: the session's
+    cluster and service stay up once started, and an idle service's Ray processes alone keep a fifth of
+    this machine's 2 cores busy, slowing every test after it."""
+    rank: dict[str, tuple[int, int]] = {}
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
         level = 2 if "service" in uses else 1 if uses & {"local_cluster", "ray_cluster"} else 0
         module = item.nodeid.split("::")[0]
-        rank[module] = max(rank.get(module, 0), level)
+        slow = item.get_closest_marker("slow") is not None
+        rank[module] = max(rank.get(module, (0, 0)), (level, int(slow)))
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: file order within a rank
