@@ -45,8 +45,10 @@ def local_cluster():
     import ray
 
     from cluster.local import start_local_cluster
+    from tests.reference import starting_nodes
 
-    cluster = start_local_cluster(nodes=3, cpus_per_node=6)
+    with starting_nodes():
+        cluster = start_local_cluster(nodes=3, cpus_per_node=6)
     yield cluster
     ray.shutdown()
     cluster.shutdown()
@@ -108,15 +110,13 @@ def service(ray_cluster, service_checkpoint):
     svc.shutdown()
 
 
-# `make test` runs two pytest-xdist workers: `ray up` (tests/cluster/test_ray_up.py) on the second,
-# everything else in the order below on the first. That module's cluster runs as a user of its own
-# over SSH and spends most of its 1.5 min waiting (on SSH, on nodes joining, on `ray down`'s polls:
-# the machine measured 0.5 busy through it), so it costs the first worker little; and it is first on
-# its worker, so its nodes start while the first worker runs what starts no cluster (unit tests, the
-# CLI's one-node Rays), not beside a multi-node start-up: Ray gives a starting node's raylet 30 s to
-# register (ray/_private/node.py), which a node starting beside `ringpipe serve --nodes 4` on 2 busy
-# cores once missed.
-SIDE = {"tests/cluster/test_ray_up.py"}
+# `make test` runs two pytest-xdist workers: on the second, in this order, the modules that start a
+# small cluster of their own and spend about half their time waiting (on SSH, on process start-up, on
+# Ray's teardown polls: the machine measured 0.5 busy through each, against 0.8-0.9 for the chaos and
+# failover tests); on the first, everything else in the order below. `ray up` goes first, so its
+# cluster starts while the first worker runs unit tests. Either worker starts Ray nodes only holding
+# `tests.reference.starting_nodes`, so no node starts beside another cluster's start-up.
+SIDE = ("tests/cluster/test_ray_up.py", "tests/cluster/test_cli.py", "tests/cluster/test_deploy.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -143,4 +143,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.nodeid.split("::")[0]
         slow = item.get_closest_marker("slow") is not None
         rank[module] = max(rank.get(module, (0, 0)), (level, int(slow)))
+    for i, module in enumerate(SIDE):  # first, in their order (under xdist: on a worker of their own)
+        rank[module] = (-1, i)
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: file order within a rank
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.reference import NODES_LOCK
+
+    NODES_LOCK.unlink(missing_ok=True)  # whichever worker ends last; a worker still running holds it open

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +38,21 @@ def _hf_model(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+# `make test` runs two pytest-xdist workers (tests/conftest.py), and Ray gives a starting node's raylet
+# 30 s to register with its GCS (ray/_private/node.py), which one node starting beside another
+# cluster's start-up on 2 busy cores once missed. So a test starts Ray nodes holding this lock, one
+# file for the whole run (xdist gives its workers the run's id), and the workers take turns.
+NODES_LOCK = Path(tempfile.gettempdir()) / f"ringpipe-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'serial')}.lock"
+
+
+@contextlib.contextmanager
+def starting_nodes():
+    """Held while this test process starts Ray nodes (a cluster, a node, a command that starts one)."""
+    with open(NODES_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def wait_for(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
@@ -122,10 +140,16 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     log_path = directory / "serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path),
-                                   "--nodes", str(nodes), *flags],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    nodes_lock = contextlib.ExitStack()
+    nodes_lock.enter_context(starting_nodes())  # until it is up
+    try:
+        with open(log_path, "w") as log:
+            server = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(path),
+                                       "--nodes", str(nodes), *flags],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    except BaseException:
+        nodes_lock.close()
+        raise
     started: set[int] = set()
     served = None
 
@@ -141,12 +165,14 @@ def ringpipe_serve(config: dict, directory: Path, nodes: int, timeout_s: float =
             return "Ray cluster: " in log_path.read_text()
 
         wait_for(ready, timeout_s, f"ringpipe serve --nodes {nodes}")
+        nodes_lock.close()
         text = log_path.read_text()
         target, address = re.search(r" on (\S+) \(gRPC\)", text)[1], re.search(r"Ray cluster: (\S+)", text)[1]
         started = descendants()
         served = Served(target, address, env, server.pid, log_path)
         yield served
     finally:
+        nodes_lock.close()
         stopped = stop_started(server, started | descendants(), signal.SIGINT)
         if served is not None:
             served.stopped.update(stopped)

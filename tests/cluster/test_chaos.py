@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
-from tests.reference import hf_greedy, ringpipe_serve, wait_for
+from tests.reference import hf_greedy, ringpipe_serve, starting_nodes, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -122,9 +122,10 @@ def stop_restarted_nodes():
 def test_every_fault_under_load_loses_nothing(served, tmp_path):
     checkpoint = served.checkpoint
     report = tmp_path / "report"
-    done, record = chaos(served, report, *(f"--fault={k}" for k in KINDS), "--every", "8s", "--duration", "33s",
-                         "--warmup", "3s", "--cooldown", "5s", "--pause", "4s", "--slow", "4s",
-                         "--restart-nodes", "--concurrency", "3", "--seed", "7")
+    with starting_nodes():  # --restart-nodes: it starts the nodes it killed again
+        done, record = chaos(served, report, *(f"--fault={k}" for k in KINDS), "--every", "8s", "--duration", "33s",
+                             "--warmup", "3s", "--cooldown", "5s", "--pause", "4s", "--slow", "4s",
+                             "--restart-nodes", "--concurrency", "3", "--seed", "7")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert {p.name for p in report.iterdir()} >= {"report.json", "summary.md", "timeline.png"}
     assert (report / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -55,10 +55,13 @@ def test_model_create_writes_hf_layout(glm_dir):
 def test_run_json_matches_transformers(glm_dir):
     from transformers import AutoModelForCausalLM
 
+    from tests.reference import starting_nodes
+
     prompt = [11, 22, 33, 44, 55]
-    result = ringpipe("run", "--model", str(glm_dir), "--stages", "2", "--prompt-ids", ",".join(map(str, prompt)),
-                      "--max-new-tokens", "12", "--ignore-eos", "--json", "--tensor-parallel", "2",
-                      "--tp-engine", "deepspeed")  # DeepSpeed's layers; test_replica.py has ours
+    with starting_nodes():  # `run` starts a one-node Ray of its own
+        result = ringpipe("run", "--model", str(glm_dir), "--stages", "2", "--prompt-ids", ",".join(map(str, prompt)),
+                          "--max-new-tokens", "12", "--ignore-eos", "--json", "--tensor-parallel", "2",
+                          "--tp-engine", "deepspeed")  # DeepSpeed's layers; test_replica.py has ours
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     model = AutoModelForCausalLM.from_pretrained(glm_dir).eval()
@@ -164,10 +167,13 @@ print(json.dumps(out))
 def test_commands_find_the_cluster_of_this_machine_or_say_what_to_pass(tmp_path):
     """No cluster, a cluster without ringpipe, a cluster that wants Ray's token: one line each, no traceback;
     with one cluster running and no --address, it is the one joined (as `ray status` finds it)."""
+    from tests.reference import starting_nodes
+
     repo = str(Path(__file__).resolve().parents[2])
     env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (repo, ENV.get("PYTHONPATH")) if p)}
-    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", ISOLATED],
-                          capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
+    with starting_nodes():  # it starts a one-node Ray
+        done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", ISOLATED],
+                              capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     for command, (code, stderr, _) in out["none"].items():

@@ -3,6 +3,7 @@ they started themselves (`ray start --head`, its own processes on 127.0.0.1, sto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import yaml
 
 from coordinator.client import Client
 from tests.conftest import free_port
-from tests.reference import hf_greedy, stop_started, wait_for
+from tests.reference import hf_greedy, starting_nodes, stop_started, wait_for
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -34,6 +35,8 @@ def ray_head(tmp_path_factory):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **AUTH}
     env.pop("RAY_ADDRESS", None)
     log = open(directory / "ray.log", "w+")  # noqa: SIM115
+    nodes_lock = contextlib.ExitStack()  # held until the node is up
+    nodes_lock.enter_context(starting_nodes())
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
          "--node-ip-address", "127.0.0.1", "--num-cpus", "4", "--include-dashboard", "false",
@@ -49,8 +52,10 @@ def ray_head(tmp_path_factory):
             return "Ray runtime started" in open(log.name).read()
 
         wait_for(up, 60, "ray start --head")
+        nodes_lock.close()
         yield address
     finally:
+        nodes_lock.close()
         started = [p.pid for p in psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
         stop_started(head, started, signal.SIGTERM, 60)  # `ray start --block` stops what it started
 

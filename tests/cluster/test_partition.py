@@ -26,7 +26,7 @@ from cluster import netns
 from protos.ringpipe.v1 import inference_pb2 as pb
 from protos.ringpipe.v1 import inference_pb2_grpc
 from tests.conftest import free_port
-from tests.reference import hf_greedy, ringpipe_serve, wait_for
+from tests.reference import hf_greedy, ringpipe_serve, starting_nodes, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(netns.unavailable() is not None, reason=str(netns.unavailable()))]
 
@@ -122,13 +122,14 @@ def check_partition(target: str, address: str, env: dict, expected: dict, tmp_pa
 
     load = BackToBack(target)
     wait_for(lambda: sum(len(got) > 5 for _, got in load.streams) >= 4, 120, "streams under way")
-    chaos = subprocess.run(
-        [*CLI, "chaos", "--target", target, "--address", address, "--fault", "partition-node",
-         "--partition", f"{PARTITION_S}s", "--duration", "1s", "--warmup", "1s", "--cooldown", "1s",
-         "--pool", "4", "--concurrency", "2", "--max-new-tokens", "24", "--restart-nodes",
-         "--report", str(tmp_path / "chaos")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    with starting_nodes():  # --restart-nodes: a node Ray found dead meanwhile is started again
+        chaos = subprocess.run(
+            [*CLI, "chaos", "--target", target, "--address", address, "--fault", "partition-node",
+             "--partition", f"{PARTITION_S}s", "--duration", "1s", "--warmup", "1s", "--cooldown", "1s",
+             "--pool", "4", "--concurrency", "2", "--max-new-tokens", "24", "--restart-nodes",
+             "--report", str(tmp_path / "chaos")],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
     load.stop()
     assert chaos.returncode == 0, chaos.stdout[-3000:] + chaos.stderr[-3000:]  # chaos's own load: nothing lost
     record = json.loads((tmp_path / "chaos" / "report.json").read_text())

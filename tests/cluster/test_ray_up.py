@@ -58,7 +58,7 @@ from tests.cluster.sshd import (
     revoke_access,
 )
 from tests.conftest import free_port
-from tests.reference import hf_greedy
+from tests.reference import hf_greedy, starting_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -340,12 +340,14 @@ def cluster():
         undo.callback(lambda: up.ray_down() if up.is_up else None)
         started = up.seen["up_started"] = time.monotonic()
         up.is_up = True  # from here on, `ray down` at the end even if `ray up` fails half way
-        done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "up", "-y", "--no-config-cache",
-                               str(up.config)], cwd=REPO, env=launcher_env, capture_output=True, text=True,
-                              timeout=300)
-        up.up_s = time.monotonic() - started
-        (base / "ray-up.log").write_text(done.stdout + done.stderr)
-        assert done.returncode == 0, up.logs()
+        with starting_nodes():  # until every node has joined
+            done = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "up", "-y", "--no-config-cache",
+                                   str(up.config)], cwd=REPO, env=launcher_env, capture_output=True, text=True,
+                                  timeout=300)
+            up.up_s = time.monotonic() - started
+            (base / "ray-up.log").write_text(done.stdout + done.stderr)
+            assert done.returncode == 0, up.logs()
+            up.nodes()
         yield up
 
 

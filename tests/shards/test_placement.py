@@ -17,6 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from cluster.chaos import kill_node
 from shards.replica import Replica, fits_off
 from shards.spec import ReplicaSpec
+from tests.reference import starting_nodes
 
 
 def workers(ray) -> list[str]:
@@ -96,7 +97,8 @@ def test_a_replica_stops_waiting_for_a_node_found_dead(local_cluster, ray_cluste
     rebuild follows a node's loss before Ray's health checks have noticed it): once Ray finds the node
     dead, it is placed on the others, without the wait kept for room that is coming back (600 s)."""
     nodes = workers(ray_cluster)
-    extra = local_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=128 << 20, num_cpus=6)
+    with starting_nodes():
+        extra = local_cluster.add_node(node_ip_address="127.0.0.1", object_store_memory=128 << 20, num_cpus=6)
     local_cluster.wait_for_nodes()
     kill_node(local_cluster, extra.node_id)
     replica, placed = Replica(spec), []
