@@ -132,10 +132,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that need no session cluster run first (those that start no multi-node cluster of their
-    own first among them), then those on the bare cluster, then those on the service: the session's
-    cluster and service stay up once started, and an idle service's Ray processes alone keep a fifth of
-    this machine's 2 cores busy, slowing every test after it."""
+    """The `SIDE` modules first; then modules that need no session cluster (those that start no
+    multi-node cluster of their own first among them), then those on the bare cluster, then those on
+    the service: the session's cluster and service stay up once started, and an idle service's Ray
+    processes alone keep a fifth of this machine's 2 cores busy, slowing every test after it."""
     rank: dict[str, tuple[int, int]] = {}
     for item in items:
         uses = set(getattr(item, "fixturenames", ()))
