@@ -149,6 +149,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.pluginmanager.has_plugin("dsession"):
+        return  # xdist's controller: it starts no nodes, and has not the run id its workers name the lock by
     from tests.reference import NODES_LOCK
 
     NODES_LOCK.unlink(missing_ok=True)  # whichever worker ends last; a worker still running holds it open

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.reference import starting_nodes
+
 RINGPIPE = [sys.executable, "-m", "cluster.cli"]
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 ENV.pop("RAY_ADDRESS", None)
@@ -54,8 +56,6 @@ def test_model_create_writes_hf_layout(glm_dir):
 
 def test_run_json_matches_transformers(glm_dir):
     from transformers import AutoModelForCausalLM
-
-    from tests.reference import starting_nodes
 
     prompt = [11, 22, 33, 44, 55]
     with starting_nodes():  # `run` starts a one-node Ray of its own
@@ -167,8 +167,6 @@ print(json.dumps(out))
 def test_commands_find_the_cluster_of_this_machine_or_say_what_to_pass(tmp_path):
     """No cluster, a cluster without ringpipe, a cluster that wants Ray's token: one line each, no traceback;
     with one cluster running and no --address, it is the one joined (as `ray status` finds it)."""
-    from tests.reference import starting_nodes
-
     repo = str(Path(__file__).resolve().parents[2])
     env = {**ENV, "PYTHONPATH": os.pathsep.join(p for p in (repo, ENV.get("PYTHONPATH")) if p)}
     with starting_nodes():  # it starts a one-node Ray
